@@ -1,0 +1,1 @@
+"""Benchmarks and the SGLang emulator (`lenpred.bench.*`)."""

@@ -1,0 +1,32 @@
+"""`lenpred bench <name>`: one command per headline number; each writes markdown + JSON."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "accuracy": ("lenpred.bench.accuracy", "prediction accuracy of every shipped predictor on a prompt file"),
+    "heads": ("lenpred.bench.heads", "head forward time at realistic widths"),
+    "sidecar": ("lenpred.bench.sidecar", "sidecar throughput and latency over real gRPC"),
+    "tap": ("lenpred.bench.tap_cost", "the tap's GPU/CPU maths as a fraction of a model step"),
+    "entropy": ("lenpred.bench.entropy_cost", "prompt-token entropy: cost and cheaper approximations"),
+    "schedule": ("lenpred.bench.schedule", "router policies replayed on real length traces"),
+    "router": ("lenpred.bench.router_overhead", "router overhead in front of fast stub backends"),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: lenpred bench <name> [options]\n")
+        for k, (_, d) in BENCHES.items():
+            print(f"  {k:<10} {d}")
+        return 0
+    if argv[0] not in BENCHES:
+        print(f"lenpred bench: unknown benchmark {argv[0]!r}; one of {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    try:
+        mod = importlib.import_module(BENCHES[argv[0]][0])
+    except ModuleNotFoundError as e:
+        print(f"lenpred bench {argv[0]}: not available in this build ({e})", file=sys.stderr)
+        return 2
+    return int(mod.main(argv[1:]) or 0)

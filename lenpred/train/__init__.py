@@ -1,0 +1,1 @@
+"""Collection, training and evaluation of length predictors (`lenpred collect|train|eval`)."""

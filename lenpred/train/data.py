@@ -1,0 +1,128 @@
+"""Loading collected shards, the data hash, and the split by prompt."""
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Traces:
+    """Everything the trainers need, flattened over shards and data folders.
+
+    prompt level [P]: key ("dataset:id"), dataset, text, prompt_tokens, pooled, mean, last, ent_* (4 stats)
+    request level [R]: req_prompt (row in P), length (served length, capped at cap), capped, cap
+    decode rows [M]: dec_req (row in R), dec_step, dec_vec
+    """
+    key: np.ndarray
+    dataset: np.ndarray
+    text: np.ndarray
+    prompt_tokens: np.ndarray
+    pooled: np.ndarray
+    mean: np.ndarray
+    last: np.ndarray
+    ent: np.ndarray
+    req_prompt: np.ndarray
+    length: np.ndarray
+    capped: np.ndarray
+    cap: np.ndarray
+    dec_req: np.ndarray
+    dec_step: np.ndarray
+    dec_vec: np.ndarray
+    manifests: list
+    data_hash: str
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.pooled.shape[1])
+
+    @property
+    def model_id(self) -> str:
+        return self.manifests[0]["model_id"]
+
+
+def shard_files(dirs: list[str]) -> list[pathlib.Path]:
+    files = []
+    for d in dirs:
+        p = pathlib.Path(d)
+        if not p.is_dir():
+            raise FileNotFoundError(f"data folder {p} does not exist")
+        fs = sorted(p.glob("shard-*.npz"))
+        if not fs:
+            fs = sorted(p.glob("*/shard-*.npz"))  # a folder of collection folders
+        if not fs:
+            raise FileNotFoundError(f"no shard-*.npz in {p} (run `lenpred collect --out {p}` first)")
+        files += fs
+    return files
+
+
+def data_hash(files: list[pathlib.Path]) -> str:
+    """sha256 over the shards' bytes in sorted-name order (independent of where they live)."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: (f.parent.name, f.name)):
+        h.update(f.parent.name.encode() + b"/" + f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load(dirs: list[str] | str) -> Traces:
+    if isinstance(dirs, str):
+        dirs = [d for d in dirs.split(",") if d]
+    files = shard_files(dirs)
+    parts: dict[str, list] = {}
+    manifests, seen = [], set()
+    p_off = r_off = 0
+    for f in files:
+        z = np.load(f, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        if meta["prompts"] not in seen:
+            seen.add(meta["prompts"])
+            manifests.append(meta)
+        P, R = len(z["prompt_id"]), len(z["length"])
+        cap = int(meta["max_new_tokens"])
+        ds = z["dataset"]
+        keys = np.array([f"{a}:{b}" for a, b in zip(ds, z["prompt_id"])])
+        add = {
+            "key": keys, "dataset": ds, "text": z["text"], "prompt_tokens": z["prompt_tokens"],
+            "pooled": z["pooled"], "mean": z["mean"], "last": z["last"],
+            "ent": np.stack([z["ent_mean"], z["ent_std"], z["ent_max"], z["ent_last"]], 1),
+            "req_prompt": z["req_prompt"] + p_off, "length": np.minimum(z["length"], cap),
+            "capped": z["capped"], "cap": np.full(R, cap, np.int32),
+            "dec_req": z["dec_req"] + r_off, "dec_step": z["dec_step"], "dec_vec": z["dec_vec"],
+        }
+        for k, v in add.items():
+            parts.setdefault(k, []).append(v)
+        p_off += P
+        r_off += R
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    d = {m["hidden_size"] for m in manifests}
+    if len(d) != 1 or len({m["model_id"] for m in manifests}) != 1:
+        raise ValueError(f"data folders mix models/hidden sizes: {[(m['model_id'], m['hidden_size']) for m in manifests]}")
+    # the same prompt collected twice (two runs) would leak across a split: keep keys unique
+    _, first = np.unique(cat["key"], return_index=True)
+    if len(first) != len(cat["key"]):
+        raise ValueError("duplicate prompt keys across shards; collect each prompt once per data set")
+    return Traces(**cat, manifests=manifests, data_hash=data_hash(files))
+
+
+def split_by_prompt(keys: np.ndarray, seed: int = 0, frac=(0.7, 0.15, 0.15)) -> dict[str, np.ndarray]:
+    """Deterministic split of prompt keys (never of samples): a keyed hash orders the prompts,
+    so the split doesn't depend on file order and a prompt's samples all land in one split."""
+    def u(k: str) -> float:
+        return int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()[:12], 16) / 16 ** 12
+    r = np.array([u(k) for k in keys])
+    tr, va = frac[0], frac[0] + frac[1]
+    return {"train": np.nonzero(r < tr)[0], "val": np.nonzero((r >= tr) & (r < va))[0], "test": np.nonzero(r >= va)[0]}
+
+
+def request_rows(tr: Traces, prompt_rows: np.ndarray) -> np.ndarray:
+    return np.nonzero(np.isin(tr.req_prompt, prompt_rows))[0]
+
+
+def decode_rows(tr: Traces, req_rows: np.ndarray) -> np.ndarray:
+    return np.nonzero(np.isin(tr.dec_req, req_rows))[0]

@@ -1,0 +1,1 @@
+"""lenpred router: an OpenAI-compatible, length-aware front door over SGLang replicas (see README.md)."""

@@ -1,0 +1,293 @@
+"""Batch submissions (`POST /v1/lenpred/batch`): a known set of requests, planned as a whole.
+
+For batch and RL-rollout traffic the whole set is known up front, so the router can do what it
+cannot for single requests: learn every request's predicted length *before* placing any of them,
+then group and balance. Steps:
+
+1. probe (when the profile's batcher needs predictions and Redis is configured): every request is
+   sent prefill-only (max tokens 1, rid `<rid>-probe`); the tap/sidecar publishes its EGTP
+   prediction at prefill, which the runner reads from Redis (fallback estimate if none arrives).
+   `probe_body` and `wait_for_predictions` are shared with single requests' probe-then-dispatch
+   (`Router._probe`, profile `probe.enabled`);
+2. plan: the batcher groups the set into micro-batches and assigns them to replicas;
+3. release: `sequential` sends a replica's next micro-batch when its previous one is done (static
+   batching engines), `all` sends everything in plan order (continuous batching);
+4. FCR: members that hit their micro-batch's cap are continued (prompt + tokens so far, new rid)
+   in batches planned by `batcher.continue_plan`, until all are done.
+
+Results stream back as NDJSON lines in completion order, `{"index", "rid", "status", "replica",
+"parts", "response"}`, then one `{"summary": ...}` line.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Callable
+
+import httpx
+
+from lenpred.router.continuation import Part, continuation, merge, part_of, with_cap
+from lenpred.router.interfaces import Estimate, MicroBatch, RequestView
+from lenpred.router.parsing import max_tokens_of, prompt_of
+from lenpred.router.predictions import estimate_from_record
+
+if TYPE_CHECKING:
+    from lenpred.keys import PredictionRecord
+    from lenpred.router.app import Router
+
+log = logging.getLogger(__name__)
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "generate": "/generate"}
+MAX_ROUNDS = 8
+PROBE_CONCURRENCY = 4096
+PREDICTION_WAIT_S = 3.0
+PROBE_TOKENS = 1   # prefill plus one token: SGLang's OpenAI endpoints refuse max_tokens 0
+
+
+def probe_rid(rid: str) -> str:
+    return f"{rid}-probe"
+
+
+def probe_body(body: dict, api: str, rid: str) -> dict:
+    """A prefill-only copy of `body` under the probe rid of `rid` (never streamed)."""
+    out = with_cap(body, api, PROBE_TOKENS)
+    out["rid"] = probe_rid(rid)
+    out.pop("stream", None)
+    out.pop("stream_options", None)
+    return out
+
+
+async def wait_for_predictions(router: "Router", rids: list[str], timeout_s: float, poll_s: float = 0.05,
+                               give_up: Callable[[], bool] | None = None) -> dict[str, "PredictionRecord"]:
+    """Fresh predictions published for `rids` (probe rids), taken from the router's pub/sub stream
+    as they arrive and read from Redis every `poll_s` (a record written before we listened, or a
+    lost event), until all are in, `timeout_s` has passed or `give_up()` is true."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    got: dict[str, PredictionRecord] = {}
+    arrived = asyncio.Event()
+    for rid in rids:
+        router.probe_waiters[rid] = (got, arrived)
+    try:
+        while True:
+            arrived.clear()
+            missing = [r for r in rids if r not in got]
+            if missing:
+                left = deadline - loop.time()
+                read = await router.predictions.get_many(missing, max(min(left, 2.0), 0.01))
+                got.update({r: rec for r, rec in read.items() if router.predictions.fresh(rec)})
+            left = deadline - loop.time()
+            if len(got) == len(rids) or left <= 0 or (give_up is not None and give_up()):
+                return got
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(arrived.wait(), min(poll_s, left))
+    finally:
+        for rid in rids:
+            router.probe_waiters.pop(rid, None)
+
+
+@dataclass
+class Item:
+    index: int
+    body: dict
+    req: RequestView
+    parts: list[Part] = field(default_factory=list)
+    attempts: int = 0
+    status: int = 200
+    error: str = ""
+    done: bool = False
+    last_rid: str = ""
+
+
+class BatchRun:
+    def __init__(self, router: "Router", api: str, bodies: list[dict], profile: str):
+        self.router, self.api, self.profile_name = router, api, profile
+        self.profile = router.policy.profiles[profile]
+        self.batcher = self.profile.batcher
+        self.id = f"lpb-{uuid.uuid4().hex[:12]}"
+        clock = router.config.handle.clock
+        self.items = []
+        for i, body in enumerate(bodies):
+            text, ptoks = prompt_of(body, api)
+            mt = max_tokens_of(body, api)
+            req = RequestView(rid=f"lp-{uuid.uuid4().hex}", api=api, prompt_tokens=ptoks, prompt_text=text,
+                              max_tokens=mt, arrival=clock(), estimate=router.fallback.estimate(ptoks, mt),
+                              pinned=True)   # batch plans place and continue their own requests: never moved
+            self.items.append(Item(i, body, req))
+        self.results: asyncio.Queue = asyncio.Queue()
+        self.stats = {"batch_id": self.id, "requests": len(bodies), "probes": 0, "probe_predictions": 0,
+                      "micro_batches": 0, "rounds": 0, "continued": 0, "probe_s": 0.0,
+                      "replica_finish_s": {}}
+        self._started = time.monotonic()
+
+    async def _post(self, replica: str, body: dict) -> httpx.Response:
+        return await self.router.client.post(f"{replica}{PATHS[self.api]}", json=body)
+
+    # -- 1. probe ----------------------------------------------------------------------------
+    async def probe(self) -> None:
+        healthy = sorted(r.name for r in self.router.pool.healthy())
+        sem = asyncio.Semaphore(PROBE_CONCURRENCY)
+        started = time.monotonic()
+
+        counts = {r: sum(1 for i in range(len(self.items)) if healthy[i % len(healthy)] == r) for r in healthy}
+
+        async def one(item: Item, replica: str) -> None:
+            body = probe_body(item.body, self.api, item.req.rid)
+            custom = body.setdefault("custom_params", {})   # one batch on a static-batching engine
+            custom["lenpred_micro_batch"], custom["lenpred_micro_batch_size"] = f"{self.id}-probe-{replica}", counts[replica]
+            async with sem:
+                try:
+                    await self._post(replica, body)
+                    self.stats["probes"] += 1
+                except httpx.HTTPError as e:
+                    log.debug("probe %s failed: %s", body["rid"], e)
+
+        await asyncio.gather(*(one(it, healthy[i % len(healthy)]) for i, it in enumerate(self.items)))
+        # The sidecar writes EGTP at prefill, around when the probe answers: read them all at once,
+        # retrying the missing ones briefly; those still missing keep the fallback estimate.
+        by_rid = {probe_rid(it.req.rid): it for it in self.items}
+        got = await wait_for_predictions(self.router, list(by_rid), PREDICTION_WAIT_S)
+        for rid, rec in got.items():
+            item = by_rid[rid]
+            item.req.estimate = estimate_from_record(rec, item.req.max_tokens)
+            self.stats["probe_predictions"] += 1
+        self.stats["probe_s"] = time.monotonic() - started
+
+    # -- 2-4. plan, release, continue ---------------------------------------------------------
+    async def _send(self, item: Item, replica: str, cap: int | None, group: tuple[str, int] | None = None) -> None:
+        req = item.req
+        item.attempts += 1
+        rid = req.rid if item.attempts == 1 else f"{req.rid}-c{item.attempts - 1}"
+        body = continuation(item.body, self.api, item.parts, cap) if item.parts else with_cap(item.body, self.api, cap)
+        body["rid"] = rid
+        if group is not None:
+            # Tell a static-batching engine which requests form one batch (a real static server
+            # takes the batch in one call; SGLang ignores unknown custom_params).
+            custom = body.setdefault("custom_params", {})
+            custom["lenpred_micro_batch"], custom["lenpred_micro_batch_size"] = group
+        item.last_rid = rid
+        self.router.pool.add(req, replica)
+        self.router.batch_rids[rid] = req
+        try:
+            resp = await self._post(replica, body)
+            payload = resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as e:
+            item.status, item.error, item.done = 502, f"{type(e).__name__}: {e}", True
+            return
+        finally:
+            self.router.pool.remove(req)
+            self.router.batch_rids.pop(rid, None)
+            self.router.scheduler.dispatch()
+        if payload is None:
+            item.status, item.error, item.done = resp.status_code, resp.text[:500], True
+            return
+        part = part_of(payload, self.api)
+        item.parts.append(part)
+        req.generated += part.tokens
+        own_left = None if req.max_tokens is None else req.max_tokens - (req.generated - part.tokens)
+        hit_cap = cap is not None and part.finish == "length" and part.tokens >= cap and (
+            own_left is None or cap < own_left)
+        if not hit_cap:
+            item.done = True
+
+    async def _run_plan(self, plan) -> None:
+        per_replica = plan.per_replica()
+        self.stats["micro_batches"] += len(plan.batches)
+
+        async def replica_worker(replica: str, batches: list[MicroBatch]) -> None:
+            if plan.release == "sequential":
+                for k, mb in enumerate(batches):
+                    group = (f"{self.id}-{replica[-5:]}-{self.stats['rounds']}-{k}", len(mb.requests))
+                    await asyncio.gather(*(self._member(it, replica, mb.max_tokens, group) for it in self._items(mb)))
+            else:
+                tasks = []
+                for mb in batches:
+                    for it in self._items(mb):
+                        tasks.append(asyncio.create_task(self._member(it, replica, mb.max_tokens)))
+                        await asyncio.sleep(0)  # keep the plan's order on the wire
+                await asyncio.gather(*tasks)
+            self.stats["replica_finish_s"][replica] = time.monotonic() - self._started
+
+        await asyncio.gather(*(replica_worker(r, bs) for r, bs in per_replica.items()))
+
+    def _items(self, mb: MicroBatch) -> list[Item]:
+        return [self._by_rid[r.rid] for r in mb.requests]
+
+    async def _member(self, item: Item, replica: str, cap: int | None, group=None) -> None:
+        await self._send(item, replica, cap, group)
+        if item.done:
+            await self.results.put(self._result(item, replica))
+
+    def _result(self, item: Item, replica: str) -> dict:
+        out = {"index": item.index, "rid": item.req.rid, "status": item.status, "replica": replica,
+               "parts": len(item.parts)}
+        if item.status == 200:
+            out["response"] = merge(item.parts, self.api)
+            self.router.fallback.observe(item.req.prompt_tokens, item.req.generated)
+        else:
+            out["error"] = item.error
+        return out
+
+    async def _refresh_estimate(self, item: Item) -> None:
+        """After a capped attempt: the latest PLP for its rid, else 'at least as much again'."""
+        req = item.req
+        rec = await self.router.predictions.get(item.last_rid)
+        last = item.parts[-1].tokens
+        rem = 0.0
+        if rec is not None:
+            rem = max(rec.remaining_p50 - max(last - rec.step, 0), 0.0)
+        rem = max(rem, 0.5 * req.generated, 1.0)
+        if req.max_tokens:
+            rem = min(rem, req.max_tokens - req.generated)
+        req.estimate = Estimate(p50=req.generated + rem, p90=req.generated + 2 * rem, remaining_p50=rem,
+                                remaining_p90=2 * rem, step=req.generated, source=rec.source if rec else "fallback")
+
+    async def execute(self) -> None:
+        self._by_rid = {it.req.rid: it for it in self.items}
+        try:
+            if self.batcher.needs_predictions and self.router.predictions.enabled:
+                await self.probe()
+            pending = list(self.items)
+            for rnd in range(MAX_ROUNDS):
+                healthy = self.router.pool.healthy()
+                if not healthy:
+                    for it in pending:
+                        it.status, it.error, it.done = 503, "no healthy replica", True
+                        await self.results.put(self._result(it, ""))
+                    break
+                reqs = [it.req for it in pending]
+                plan = self.batcher.plan(reqs, healthy) if rnd == 0 else self.batcher.continue_plan(reqs, healthy)
+                if rnd == MAX_ROUNDS - 1:
+                    for b in plan.batches:
+                        b.max_tokens = None
+                self.stats["rounds"] = rnd + 1
+                await self._run_plan(plan)
+                pending = [it for it in pending if not it.done]
+                if not pending:
+                    break
+                self.stats["continued"] += len(pending)
+                await asyncio.gather(*(self._refresh_estimate(it) for it in pending))
+        finally:
+            self.stats["makespan_s"] = time.monotonic() - self._started
+            await self.results.put(None)
+
+    async def stream(self) -> AsyncIterator[dict]:
+        task = asyncio.create_task(self.execute())
+        try:
+            while True:
+                item = await self.results.get()
+                if item is None:
+                    break
+                yield item
+            await task
+            yield {"summary": self.stats}
+        finally:
+            if not task.done():
+                task.cancel()
+
+
+_ids = itertools.count()

@@ -1,0 +1,51 @@
+"""Prometheus metrics, prefix `lenpred_router_`. One registry per app so tests can run many."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_FAST_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("lenpred_router_requests", "Requests answered, by API and HTTP status.",
+                                ["api", "code"], registry=r)
+        self.duration = Histogram("lenpred_router_request_duration_seconds",
+                                  "Time from arrival to the last byte sent.", ["api"],
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("lenpred_router_queue_wait_seconds", "Time spent in the router queue.",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.schedule = Histogram("lenpred_router_schedule_duration_seconds",
+                                  "Admission + ordering + placement time of one dispatch pass.",
+                                  buckets=_FAST_BUCKETS, registry=r)
+        self.dropped = Counter("lenpred_router_dropped", "Requests not served, by reason.", ["reason"], registry=r)
+        self.estimates = Counter("lenpred_router_estimates",
+                                 "Output-length estimates in use at dispatch, by source (egtp, plp, fallback).",
+                                 ["source"], registry=r)
+        self.predictions = Counter("lenpred_router_predictions_received",
+                                   "Predictions pushed from Redis for requests in flight.", registry=r)
+        self.probes = Counter("lenpred_router_probes",
+                              "Probe-then-dispatch probes, by outcome (prediction | timeout | failed).",
+                              ["outcome"], registry=r)
+        self.retries = Counter("lenpred_router_dispatch_retries",
+                               "Requests re-placed because their replica refused the connection.", registry=r)
+        self.preemptions = Counter("lenpred_router_preemptions",
+                                   "Running requests moved to another replica (aborted there, continued here).",
+                                   registry=r)
+        self.moves_late = Counter("lenpred_router_preemptions_too_late",
+                                  "Moves decided for requests that finished before the abort landed.", registry=r)
+        self.reloads = Counter("lenpred_router_policy_reloads", "Policy file reloads, by result.", ["result"],
+                               registry=r)
+        self.queue_depth = Gauge("lenpred_router_queue_depth", "Requests waiting in the router queue.", registry=r)
+        self.redis_connected = Gauge("lenpred_router_redis_connected", "1 while the event stream is followed.",
+                                     registry=r)
+        self.replica_healthy = Gauge("lenpred_router_replica_healthy", "1 while the replica is in the pool.",
+                                     ["replica"], registry=r)
+        self.replica_inflight = Gauge("lenpred_router_replica_inflight", "Requests this router has running there.",
+                                      ["replica"], registry=r)
+        self.replica_predicted = Gauge("lenpred_router_replica_predicted_remaining_tokens",
+                                       "Predicted decode tokens still to come there (p50).", ["replica"], registry=r)
+        self.replica_kv_used = Gauge("lenpred_router_replica_kv_used_tokens",
+                                     "KV tokens in use as last reported by /v1/loads.", ["replica"], registry=r)

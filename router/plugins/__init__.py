@@ -1,0 +1,1 @@
+"""Built-in plugin implementations, one module per type, grouped by stage."""

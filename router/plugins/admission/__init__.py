@@ -1,0 +1,1 @@
+"""Admission plugins: may a request be dispatched now, queued, or shed?"""

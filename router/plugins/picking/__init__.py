@@ -1,0 +1,1 @@
+"""Picking plugins: choose one replica from the weighted total scores."""

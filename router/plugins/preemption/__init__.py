@@ -1,0 +1,1 @@
+"""Preemption plugins: move running requests whose predicted length grew off overloaded replicas."""

@@ -1,0 +1,28 @@
+"""least-load-scorer: prefer the replica with the fewest requests or tokens, ignoring predictions."""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+from lenpred.router.interfaces import PluginParameters, ReplicaView, RequestView, Scorer
+from lenpred.router.plugins.scoring._normalize import inverse_relative
+
+
+class LeastLoadParameters(PluginParameters):
+    metric: Literal["requests", "tokens"] = "requests"
+    """`requests`: running + waiting requests; `tokens`: KV tokens in use."""
+
+
+class LeastLoadScorer(Scorer):
+    """The baseline load balancer. Uses the larger of the engine's report and the router's own
+    count, because the report lags by up to one poll interval."""
+
+    Parameters = LeastLoadParameters
+    params: LeastLoadParameters
+
+    def score(self, req: RequestView, replicas: Sequence[ReplicaView]) -> dict[str, float]:
+        if self.params.metric == "tokens":
+            loads = {r.name: float(r.current_tokens()) for r in replicas}
+        else:
+            loads = {r.name: float(max(r.load.num_running_reqs + r.load.num_waiting_reqs, len(r.inflight)))
+                     for r in replicas}
+        return inverse_relative(loads)

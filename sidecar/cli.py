@@ -1,0 +1,49 @@
+"""`lenpred sidecar`: run the gRPC prediction service."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+
+from lenpred.sidecar.server import SidecarConfig, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SidecarConfig()
+    p = argparse.ArgumentParser(prog="lenpred sidecar", description="EGTP/PLP length-prediction service (gRPC lenpred.v1)")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--redis-url", default=os.environ.get("LENPRED_REDIS_URL"),
+                   help="Redis for predictions (env LENPRED_REDIS_URL); none = predict only")
+    p.add_argument("--namespace", default=os.environ.get("LENPRED_NAMESPACE", d.namespace))
+    p.add_argument("--ttl", type=int, default=d.ttl_s, dest="ttl_s")
+    p.add_argument("--heads", action="append", default=None,
+                   help="folder of *.safetensors heads (repeatable); default: the shipped heads")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--max-wait-us", type=int, default=d.max_wait_us)
+    p.add_argument("--prefill-head", default=d.prefill_head, choices=["auto", "egtp", "last"],
+                   help="prefill head when both features arrive (auto: lower held-out MAE)")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> SidecarConfig:
+    names = {f.name for f in dataclasses.fields(SidecarConfig)}
+    kw = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    return SidecarConfig(**kw)
+
+
+def main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(serve(config_from_args(a)))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,462 @@
+"""The lenpred.v1 gRPC service: Ingest (bidi stream from engine taps), Predict, ModelInfo, plus
+standard health checking and reflection, Prometheus metrics, and Redis writes.
+
+Bad input never tears anything down: a bad Ingest batch is refused in its ack (code 3,
+INVALID_ARGUMENT, with the reason) and the stream stays open; a bad Predict call gets
+INVALID_ARGUMENT; everyone else keeps being served.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from lenpred import keys, wire
+from lenpred.proto.v1 import lenpred_pb2 as pb
+from lenpred.sidecar.batcher import MicroBatcher
+from lenpred.sidecar.registry import SHIPPED_HEADS, HeadLookupError, HeadPair, HeadRegistry
+from lenpred.sidecar.store import PredictionStore
+
+log = logging.getLogger("lenpred.sidecar")
+SERVICE = "lenpred.v1.LengthPredictor"
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass
+class SidecarConfig:
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds."""
+    port: int = 50061
+    """gRPC port (0 = pick a free one)."""
+    metrics_port: int | None = None
+    """Prometheus /metrics HTTP port; None = no metrics server."""
+    redis_url: str | None = None
+    """Where predictions go; None = predict only (Predict still answers)."""
+    namespace: str = keys.DEFAULT_NAMESPACE
+    """Redis key namespace (several fleets can share a Redis)."""
+    ttl_s: int = keys.DEFAULT_TTL_S
+    """TTL of each prediction hash."""
+    heads: list[str] = field(default_factory=lambda: [str(SHIPPED_HEADS)])
+    """Folders searched (recursively) for *.safetensors heads."""
+    device: str = "auto"
+    """auto (GPU if present, else CPU), cpu, cuda, cuda:N."""
+    threads: int = 1
+    """torch CPU threads (CPU fallback); keep 1 next to engines on small boxes."""
+    max_batch: int = 256
+    """Micro-batch: flush when this many rows are pending for one head..."""
+    max_wait_us: int = 2000
+    """...or when the oldest pending row has waited this long."""
+    prefill_head: str = "auto"
+    """Which prefill head answers at prefill when the tap sends both features: egtp (pooled
+    prompt), last (last prompt token), or auto = the one with the lower held-out MAE recorded in
+    its checkpoint (on SmolLM2: last, see docs/results/accuracy.md)."""
+    max_message_bytes: int = 16 << 20
+    """Larger messages are refused with INVALID_ARGUMENT (transport hard limit: 4x this)."""
+    max_rows_per_message: int = 8192
+    """Rows (prefill + decode + finished) allowed in one message."""
+    prompt_cache_size: int = 200_000
+    """Prompt vectors kept per rid for PLP ([h_prompt ; h_t]) until the request finishes."""
+
+
+class BadInput(ValueError):
+    pass
+
+
+class _Unparsed:
+    """What the safe deserializer yields for bytes it cannot accept."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _safe_deserializer(msg_cls, limit: int):
+    def parse(raw: bytes):
+        if len(raw) > limit:
+            return _Unparsed(f"message of {len(raw)} bytes exceeds the limit of {limit} bytes")
+        try:
+            return msg_cls.FromString(raw)
+        except Exception as e:  # noqa: BLE001
+            return _Unparsed(f"could not parse {msg_cls.DESCRIPTOR.name}: {e}")
+    return parse
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rows = Counter("lenpred_sidecar_rows", "Rows received", ["kind", "outcome"], registry=r)
+        self.batch_rows = Histogram("lenpred_sidecar_batch_rows", "Rows per head forward", ["kind"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.forward_s = Histogram("lenpred_sidecar_forward_seconds", "Head forward time", ["kind"],
+                                   buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3), registry=r)
+        self.redis_errors = Counter("lenpred_sidecar_redis_errors", "Failed Redis pipelines", registry=r)
+        self.streams = Gauge("lenpred_sidecar_streams", "Open Ingest streams", registry=r)
+        self.predict = Counter("lenpred_sidecar_predict_requests", "Predict calls", ["code"], registry=r)
+        self.abs_err = Histogram("lenpred_sidecar_prefill_abs_error_tokens",
+                                 "|prefill p50 - true length| of finished, untruncated requests",
+                                 buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600), registry=r)
+
+
+@dataclass
+class _Prompt:
+    vecs: dict  # prompt feature ("pooled" / "last") -> [d] vector, for PLP's h_prompt
+    prompt_tokens: int
+    p50: float   # EGTP's prediction, kept to report it next to the true length
+    p90: float
+    ts: float
+
+
+class LengthPredictorService:
+    def __init__(self, cfg: SidecarConfig, registry: HeadRegistry, store: PredictionStore, metrics: Metrics):
+        self.cfg = cfg
+        self.heads = registry
+        self.store = store
+        self.m = metrics
+        self.batcher = MicroBatcher(cfg.max_batch, cfg.max_wait_us, on_batch=self._on_batch)
+        self.prompts: collections.OrderedDict[str, _Prompt] = collections.OrderedDict()
+
+    def _on_batch(self, head, rows: int, seconds: float) -> None:
+        self.m.batch_rows.labels(head.meta.kind).observe(rows)
+        self.m.forward_s.labels(head.meta.kind).observe(seconds)
+
+    # ------------------------------------------------------------ validation helpers
+    def _select(self, sel: pb.HeadSelector) -> HeadPair:
+        if not sel.model_id:
+            raise BadInput("head.model_id is required")
+        try:
+            return self.heads.select(sel.model_id, sel.hidden_size, sel.layer, sel.version)[1]
+        except HeadLookupError as e:
+            raise BadInput(str(e)) from None
+
+    def _vectors(self, t: pb.Tensor, rows: int, dim: int, what: str) -> torch.Tensor:
+        try:
+            x = wire.decode(t, max_rows=self.cfg.max_rows_per_message)
+        except wire.WireError as e:
+            raise BadInput(f"{what}: {e}") from None
+        if x.shape[0] != rows:
+            raise BadInput(f"{what}: {x.shape[0]} vectors for {rows} request ids")
+        if x.shape[1] != dim:
+            raise BadInput(f"{what}: vector width {x.shape[1]} != hidden size {dim} of the selected head")
+        return x
+
+    # ------------------------------------------------------------ prediction core
+    def _prefill_head(self, pair: HeadPair, have_pooled: bool, have_last: bool):
+        """(head, feature) answering at prefill: see SidecarConfig.prefill_head."""
+        want = self.cfg.prefill_head
+        if want == "last" or (want == "auto" and pair.last is not None and have_last and (
+                pair.egtp is None or not have_pooled or _mae(pair.last) <= _mae(pair.egtp))):
+            if pair.last is None or not have_last:
+                raise BadInput("prefill head 'last' needs a last-token head and prefill.last_vectors")
+            return pair.last, "last"
+        if pair.egtp is None:
+            raise BadInput("no EGTP head loaded for this model")
+        if not have_pooled:
+            raise BadInput("the EGTP head needs prefill.vectors (the tap's entropy pool is off)")
+        return pair.egtp, "pooled"
+
+    async def _prefill(self, head, rids, x: torch.Tensor, prompt_tokens) -> list[keys.PredictionRecord]:
+        out = await self.batcher.predict(head, x)
+        now, ver, src = time.time(), head.meta.version, head.meta.kind
+        recs = []
+        for i, rid in enumerate(rids):
+            p50, p90 = float(out["p50"][i]), float(out["p90"][i])
+            recs.append(keys.PredictionRecord(
+                rid=rid, p50=p50, p90=p90, mean=float(out["mean"][i]), remaining_p50=p50, remaining_p90=p90,
+                step=0, source=src, head_version=ver, ts=now,
+                prompt_tokens=int(prompt_tokens[i]) if prompt_tokens else 0))
+        return recs
+
+    async def _plp(self, pair: HeadPair, rids, hp: torch.Tensor, x: torch.Tensor, steps,
+                   prompt_tokens=None) -> list[keys.PredictionRecord]:
+        out = await self.batcher.predict(pair.plp, torch.cat([hp, x], 1))
+        now, ver = time.time(), pair.plp.meta.version
+        recs = []
+        for i, rid in enumerate(rids):
+            s = int(steps[i])
+            r50, r90 = float(out["p50"][i]), float(out["p90"][i])
+            recs.append(keys.PredictionRecord(
+                rid=rid, p50=s + r50, p90=s + r90, mean=s + float(out["mean"][i]), remaining_p50=r50,
+                remaining_p90=r90, step=s, source="plp", head_version=ver, ts=now,
+                prompt_tokens=int(prompt_tokens[i]) if prompt_tokens else 0))
+        return recs
+
+    def _remember(self, rids: list[str], feats: dict[str, torch.Tensor], prompt_tokens: list[int]) -> None:
+        now = time.time()
+        for i, rid in enumerate(rids):
+            vecs = {name: x[i].clone() for name, x in feats.items()}
+            self.prompts[rid] = _Prompt(vecs, int(prompt_tokens[i]), float("nan"), float("nan"), now)
+            self.prompts.move_to_end(rid)
+        while len(self.prompts) > self.cfg.prompt_cache_size:
+            self.prompts.popitem(last=False)
+
+    # ------------------------------------------------------------ Ingest
+    async def _ingest_one(self, b) -> pb.IngestAck:
+        if isinstance(b, _Unparsed):
+            self.m.rows.labels("message", "rejected").inc()
+            return pb.IngestAck(code=INVALID.value[0], message=b.reason)
+        n_pre, n_dec, n_fin = len(b.prefill.rids), len(b.decode.rids), len(b.finished)
+        total = n_pre + n_dec + n_fin
+        ack = pb.IngestAck(seq=b.seq)
+        try:
+            if total > self.cfg.max_rows_per_message:
+                raise BadInput(f"{total} rows exceed the limit of {self.cfg.max_rows_per_message} per message")
+            records: list[keys.PredictionRecord] = []
+            notes: list[str] = []
+            rejected = 0
+            pair = self._select(b.head) if (n_pre or n_dec) else None
+            d = b.head.hidden_size
+            if n_pre:
+                # the tap sends the entropy pool ("vectors") and/or the last token's state
+                feats = {}
+                if b.prefill.HasField("vectors"):
+                    feats["pooled"] = self._vectors(b.prefill.vectors, n_pre, d, "prefill.vectors")
+                if b.prefill.HasField("last_vectors"):
+                    feats["last"] = self._vectors(b.prefill.last_vectors, n_pre, d, "prefill.last_vectors")
+                if not feats:
+                    raise BadInput("prefill needs vectors (entropy pool) and/or last_vectors")
+                head, feature = self._prefill_head(pair, "pooled" in feats, "last" in feats)
+                pt = list(b.prefill.prompt_tokens)
+                if pt and len(pt) != n_pre:
+                    raise BadInput(f"prefill.prompt_tokens has {len(pt)} entries for {n_pre} request ids")
+                ok = torch.stack([torch.isfinite(x).all(1) for x in feats.values()]).all(0)
+                if not ok.all():
+                    bad = int((~ok).sum())
+                    rejected += bad
+                    notes.append(f"{bad} prefill vector(s) contain NaN/Inf: rejected")
+                idx = ok.nonzero().flatten().tolist()
+                if idx:
+                    rids = [b.prefill.rids[i] for i in idx]
+                    pts = [pt[i] for i in idx] if pt else [0] * len(idx)
+                    self._remember(rids, {k: x[idx] for k, x in feats.items()}, pts)  # before the await: see Ingest
+                    recs = await self._prefill(head, rids, feats[feature][idx], pts)
+                    for r in recs:
+                        if r.rid in self.prompts:
+                            self.prompts[r.rid].p50, self.prompts[r.rid].p90 = r.p50, r.p90
+                    records += recs
+            if n_dec:
+                x = self._vectors(b.decode.vectors, n_dec, d, "decode.vectors")
+                if len(b.decode.steps) != n_dec:
+                    raise BadInput(f"decode.steps has {len(b.decode.steps)} entries for {n_dec} request ids")
+                if pair.plp is None:
+                    notes.append(f"{n_dec} decode vector(s) ignored: no PLP head loaded for this model")
+                    rejected += n_dec
+                else:
+                    finite = torch.isfinite(x).all(1).tolist()
+                    pf = pair.plp.meta.prompt_feature
+                    idx = [i for i in range(n_dec) if finite[i] and pf in getattr(
+                        self.prompts.get(b.decode.rids[i]), "vecs", ())]
+                    miss = n_dec - len(idx)
+                    if miss:
+                        rejected += miss
+                        notes.append(f"{miss} decode vector(s) rejected (NaN/Inf, or no prefill vector seen for the rid, or not the prompt feature the PLP head reads)")
+                    if idx:
+                        rids = [b.decode.rids[i] for i in idx]
+                        # read the prompt state now: a finished event may pop it during the await
+                        hp = torch.stack([self.prompts[r].vecs[pf] for r in rids])
+                        pts = [self.prompts[r].prompt_tokens for r in rids]
+                        records += await self._plp(pair, rids, hp, x[idx], [b.decode.steps[i] for i in idx], pts)
+            finished = [self._finish(f) for f in b.finished]
+            if not await self.store.write(records, finished) and self.store.r is not None:
+                self.m.redis_errors.inc()
+                notes.append("redis unavailable: predictions computed but not stored")
+            ack.accepted = total - rejected
+            ack.rejected = rejected
+            if rejected:
+                ack.code = INVALID.value[0]
+            ack.message = "; ".join(notes)
+            self.m.rows.labels("prefill", "accepted").inc(n_pre)
+            self.m.rows.labels("decode", "accepted").inc(n_dec)
+            self.m.rows.labels("finished", "accepted").inc(n_fin)
+            if rejected:
+                self.m.rows.labels("any", "rejected").inc(rejected)
+        except BadInput as e:
+            ack.code, ack.message, ack.rejected, ack.accepted = INVALID.value[0], str(e), total, 0
+            self.m.rows.labels("any", "rejected").inc(max(total, 1))
+        return ack
+
+    def _finish(self, f: pb.Finished) -> dict:
+        pr = self.prompts.pop(f.rid, None)
+        if pr is not None and pr.p50 == pr.p50 and not f.truncated and not f.aborted:
+            self.m.abs_err.observe(abs(pr.p50 - f.output_tokens))
+        return {"rid": f.rid, "output_tokens": f.output_tokens, "prompt_tokens": f.prompt_tokens,
+                "truncated": int(f.truncated), "aborted": int(f.aborted),
+                "p50": round(pr.p50, 2) if pr and pr.p50 == pr.p50 else -1,
+                "p90": round(pr.p90, 2) if pr and pr.p90 == pr.p90 else -1}
+
+    async def Ingest(self, request_iterator, context):
+        """Batches are processed concurrently (so rows of many steps share micro-batches); each
+        gets its ack as soon as it is done. Prompt vectors are stored before any await, so a
+        decode row never overtakes its own prefill."""
+        self.m.streams.inc()
+        out: asyncio.Queue = asyncio.Queue()
+
+        async def reader():
+            tasks = set()
+            try:
+                async for b in request_iterator:
+                    t = asyncio.create_task(self._ingest_one(b))
+                    tasks.add(t)
+                    t.add_done_callback(lambda t: (tasks.discard(t), out.put_nowait(t.result())))
+                if tasks:
+                    await asyncio.wait(tasks)
+            finally:
+                out.put_nowait(None)
+
+        rt = asyncio.create_task(reader())
+        try:
+            while (ack := await out.get()) is not None:
+                yield ack
+        finally:
+            rt.cancel()
+            self.m.streams.dec()
+
+    # ------------------------------------------------------------ Predict / ModelInfo
+    async def Predict(self, req, context):
+        try:
+            if isinstance(req, _Unparsed):
+                raise BadInput(req.reason)
+            pair = self._select(req.head)
+            d = req.head.hidden_size
+            n = req.prompt_vectors.shape[0] if len(req.prompt_vectors.shape) == 2 else 0
+            if n == 0:
+                raise BadInput("prompt_vectors must be a non-empty [n, hidden_size] tensor")
+            x = self._vectors(req.prompt_vectors, n, d, "prompt_vectors")
+            if not torch.isfinite(x).all():
+                raise BadInput("prompt_vectors contain NaN/Inf")
+            rids = list(req.rids) or [""] * n
+            if len(rids) != n:
+                raise BadInput(f"{len(req.rids)} rids for {n} vectors")
+            if req.HasField("decode_vectors"):
+                if pair.plp is None:
+                    raise BadInput("no PLP head loaded for this model")
+                if (req.prompt_feature or "pooled") != pair.plp.meta.prompt_feature:
+                    raise BadInput(f"this PLP head reads the {pair.plp.meta.prompt_feature!r} prompt vector: "
+                                   f"set prompt_feature={pair.plp.meta.prompt_feature!r}")
+                xd = self._vectors(req.decode_vectors, n, d, "decode_vectors")
+                if not torch.isfinite(xd).all():
+                    raise BadInput("decode_vectors contain NaN/Inf")
+                if len(req.decode_steps) != n:
+                    raise BadInput(f"decode_steps has {len(req.decode_steps)} entries for {n} vectors")
+                recs = await self._plp(pair, rids, x, xd, list(req.decode_steps))
+            else:
+                feature = req.prompt_feature or "pooled"
+                if feature not in ("pooled", "last"):
+                    raise BadInput(f"prompt_feature must be 'pooled' or 'last', got {feature!r}")
+                head = pair.last if feature == "last" else pair.egtp
+                if head is None:
+                    raise BadInput(f"no {'last-token' if feature == 'last' else 'EGTP'} head loaded for this model")
+                recs = await self._prefill(head, rids, x, None)
+            if req.rids:
+                await self.store.write(recs, [])
+            self.m.predict.labels("OK").inc()
+            return pb.PredictResponse(predictions=[pb.Prediction(
+                rid=r.rid, mean=r.mean, p50=r.p50, p90=r.p90, remaining_p50=r.remaining_p50,
+                remaining_p90=r.remaining_p90, step=r.step, head_version=r.head_version, source=r.source)
+                for r in recs])
+        except BadInput as e:
+            self.m.predict.labels("INVALID_ARGUMENT").inc()
+            await context.abort(INVALID, str(e))
+
+    async def ModelInfo(self, req, context):
+        infos = []
+        for key, pair in self.heads.pairs.items():
+            for h in pair.heads():
+                m = h.meta
+                infos.append(pb.HeadInfo(
+                    kind=m.kind, key=pb.HeadSelector(model_id=key[0], hidden_size=key[1], layer=key[2], version=key[3]),
+                    input_dim=m.input_dim, num_bins=m.n_bins, bin_edges=m.bin_edges, data_hash=m.data_hash,
+                    metadata_json=m.to_json()))
+        return pb.ModelInfoResponse(heads=infos, device=str(self.heads.device), max_batch=self.cfg.max_batch,
+                                    max_wait_us=self.cfg.max_wait_us,
+                                    max_rows_per_message=self.cfg.max_rows_per_message)
+
+
+def _mae(head) -> float:
+    return float(head.meta.metrics.get("mae", float("inf")))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: no CUDA device is visible (use --device cpu or auto)")
+    return dev
+
+
+@dataclass
+class RunningSidecar:
+    server: grpc.aio.Server
+    port: int
+    service: LengthPredictorService
+    metrics_port: int | None
+    metrics_server: object | None = None
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.server.stop(grace)
+        await self.service.store.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+
+
+async def start(cfg: SidecarConfig) -> RunningSidecar:
+    if cfg.prefill_head not in ("auto", "egtp", "last"):
+        raise ValueError(f"prefill_head must be auto, egtp or last, got {cfg.prefill_head!r}")
+    torch.set_num_threads(max(1, cfg.threads))
+    registry = HeadRegistry(pick_device(cfg.device))
+    for root in cfg.heads:
+        registry.load_dir(root)
+    if not registry.pairs:
+        log.warning("no heads loaded from %s: every request will be refused as 'unknown model'", cfg.heads)
+    metrics = Metrics()
+    store = PredictionStore(cfg.redis_url, cfg.namespace, cfg.ttl_s)
+    svc = LengthPredictorService(cfg, registry, store, metrics)
+    hard = cfg.max_message_bytes * 4
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", hard),
+                                      ("grpc.max_send_message_length", hard),
+                                      ("grpc.so_reuseport", 0)])
+    lim = cfg.max_message_bytes
+    handlers = {
+        "Ingest": grpc.stream_stream_rpc_method_handler(
+            svc.Ingest, request_deserializer=_safe_deserializer(pb.IngestBatch, lim),
+            response_serializer=pb.IngestAck.SerializeToString),
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            svc.Predict, request_deserializer=_safe_deserializer(pb.PredictRequest, lim),
+            response_serializer=pb.PredictResponse.SerializeToString),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            svc.ModelInfo, request_deserializer=_safe_deserializer(pb.ModelInfoRequest, lim),
+            response_serializer=pb.ModelInfoResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    health_svc = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_svc, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
+    await server.start()
+    for name in ("", SERVICE):
+        await health_svc.set(name, health_pb2.HealthCheckResponse.SERVING)
+    mport = msrv = None
+    if cfg.metrics_port is not None:
+        msrv, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
+        mport = msrv.server_port
+    log.info("sidecar on %s:%d (device %s, heads: %s)", cfg.host, port, registry.device, registry.describe())
+    return RunningSidecar(server, port, svc, mport, msrv)
+
+
+async def serve(cfg: SidecarConfig) -> None:
+    running = await start(cfg)
+    print(f"lenpred sidecar listening on {cfg.host}:{running.port} (device {running.service.heads.device}; "
+          f"heads: {running.service.heads.describe()})", flush=True)
+    await running.server.wait_for_termination()

@@ -1,0 +1,2 @@
+"""The engine-side tap: pooling maths and the non-blocking sender (engine-independent),
+plus engine adapters (sglang_plugin)."""

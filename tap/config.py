@@ -1,0 +1,60 @@
+"""Tap configuration, read from the environment of each engine process (SGLang spawns its
+scheduler processes, so the environment is the one channel that reaches all of them)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class TapConfig:
+    enabled: bool = True
+    """LENPRED_TAP_ENABLED: 0 turns the tap into a no-op without uninstalling the plugin."""
+    sidecar: str = "127.0.0.1:50061"
+    """LENPRED_SIDECAR: host:port of the sidecar's gRPC server."""
+    pool: bool = True
+    """LENPRED_TAP_POOL: 0 skips the entropy-weighted pool (and its per-token full-vocabulary
+    entropies, ~21% of an 8B prefill): only the last prompt token's state is shipped at prefill.
+    The shipped SmolLM2 heads (last-token prefill head, PLP over [h_last ; h_t]) need nothing more."""
+    every: int = 8
+    """LENPRED_TAP_EVERY: ship a decode hidden state every k decoded tokens (k=1 allowed)."""
+    layer: int = -1
+    """LENPRED_TAP_LAYER: which layer's states are pooled; -1 = last layer after the final norm."""
+    tau: float = 1.0
+    """LENPRED_TAP_TAU: entropy softmax temperature."""
+    model_id: str = ""
+    """LENPRED_MODEL_ID: model id sent to the sidecar to pick heads; default = served model name."""
+    queue: int = 1024
+    """LENPRED_TAP_QUEUE: max engine steps buffered before the tap drops (and counts) batches."""
+    dtype: str = "float16"
+    """LENPRED_TAP_DTYPE: wire dtype of vectors: float32, float16 or bfloat16."""
+    prefix_store_tokens: int = 65536
+    """LENPRED_TAP_PREFIX_TOKENS: prompt tokens whose rows are kept (host RAM, LRU) to restore
+    radix-cache hits exactly; 0 turns restore off (cached prefixes are then left out of the pool)."""
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "TapConfig":
+        env = os.environ if env is None else env
+        kw = {}
+        names = {"enabled": "LENPRED_TAP_ENABLED", "pool": "LENPRED_TAP_POOL", "sidecar": "LENPRED_SIDECAR", "every": "LENPRED_TAP_EVERY",
+                 "layer": "LENPRED_TAP_LAYER", "tau": "LENPRED_TAP_TAU", "model_id": "LENPRED_MODEL_ID",
+                 "queue": "LENPRED_TAP_QUEUE", "dtype": "LENPRED_TAP_DTYPE",
+                 "prefix_store_tokens": "LENPRED_TAP_PREFIX_TOKENS"}
+        for f in fields(cls):
+            raw = env.get(names[f.name])
+            if raw is None or raw == "":
+                continue
+            if f.type in ("bool", bool):
+                kw[f.name] = raw.strip().lower() not in ("0", "false", "no", "off")
+            elif f.type in ("int", int):
+                kw[f.name] = int(raw)
+            elif f.type in ("float", float):
+                kw[f.name] = float(raw)
+            else:
+                kw[f.name] = raw
+        cfg = cls(**kw)
+        if cfg.every < 1:
+            raise ValueError(f"LENPRED_TAP_EVERY must be >= 1, got {cfg.every}")
+        if cfg.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"LENPRED_TAP_DTYPE must be float32, float16 or bfloat16, got {cfg.dtype!r}")
+        return cfg
