@@ -251,7 +251,10 @@ def test_emulated_predictor_drives_the_router_end_to_end(servers, redis_url):
                               prediction_sigma=0.0, plp_every=10)
     wait_for(lambda: client.get("/health").json()["redis"] == "connected", what="subscription")
     r = client.post("/v1/chat/completions", json=chat(30))
-    assert r.headers["x-lenpred-prediction"] == "p50=30;p90=30;source=plp;step=30"
+    # the newest record when the answer ended: PLP at 30 is written as the answer ends, so it may
+    # still be on its way and the header then shows the one at 20 (the same oracle length)
+    assert r.headers["x-lenpred-prediction"] in ("p50=30;p90=30;source=plp;step=30",
+                                                 "p50=30;p90=30;source=plp;step=20")
     view = client.get(f"/v1/lenpred/requests/{r.headers['x-lenpred-rid']}").json()
     assert view["router"]["estimate_at_dispatch"].endswith("source=fallback;step=0")  # none before prefill
     assert view["prediction"]["source"] == "plp" and view["prediction"]["remaining_p50"] == 0
@@ -307,7 +310,7 @@ def test_probe_timeout_falls_back_without_failing(servers, redis_url):
         r = client.post("/v1/chat/completions", json=chat(5, stream=stream))
         assert r.status_code == 200 and time.monotonic() - t0 < 5
         view = client.get(f"/v1/lenpred/requests/{r.headers['x-lenpred-rid']}").json()["router"]
-        assert view["probe"]["outcome"] == "timeout" and view["probe"]["wait_ms"] >= 30
+        assert view["probe"]["outcome"] == "timeout" and view["probe"]["wait_ms"] >= 29   # event-loop timers may fire <1 ms early
         assert view["estimate_at_dispatch"].endswith("source=fallback;step=0") and view["state"] == "finished"
     assert 'lenpred_router_probes_total{outcome="timeout"} 2.0' in client.get("/metrics").text
 
