@@ -12,6 +12,7 @@ BENCHES = {
     "entropy": ("lenpred.bench.entropy_cost", "prompt-token entropy: cost and cheaper approximations"),
     "schedule": ("lenpred.bench.schedule", "router policies replayed on real length traces"),
     "router": ("lenpred.bench.router_overhead", "router overhead in front of fast stub backends"),
+    "crosscheck": ("lenpred.bench.crosscheck", "the same workload on real SGLang replicas and on the emulator"),
 }
 
 

@@ -732,7 +732,8 @@ def make_app(cfg: EmulatorConfig | None = None) -> FastAPI:
         engine: Engine = request.app.state.engine
         return {"received": list(engine.received), "finished": list(engine.finished),
                 "retractions": engine.retractions, "priority_preemptions": engine.preemptions,
-                "steps": engine.steps, "lag_steps": engine.lag_steps, "busy_s": engine.busy_s}
+                "steps": engine.steps, "lag_steps": engine.lag_steps, "busy_s": engine.busy_s,
+                "prompt_tokens": engine.prompt_tokens, "cached_prompt_tokens": engine.hit_tokens}
 
     @app.post("/emulator/health")
     async def set_health(request: Request) -> dict:

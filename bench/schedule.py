@@ -296,7 +296,8 @@ async def run_one(run: Run, items, preds, args, redis: RedisServer, k: int) -> d
             samples, summary = await replay_batch(rurl, items, preds, args, run.predictions == "oracle")
         wall = time.monotonic() - t0
         cpu = (sum(rproc.cpu_times()[:2]) - cpu0[0], sum(eproc.cpu_times()[:2]) - cpu0[1])
-        engine = {"retractions": 0, "priority_preemptions": 0, "steps": 0, "lag_steps": 0, "busy_s": 0.0}
+        engine = {"retractions": 0, "priority_preemptions": 0, "steps": 0, "lag_steps": 0, "busy_s": 0.0,
+                  "prompt_tokens": 0, "cached_prompt_tokens": 0}
         async with httpx.AsyncClient(timeout=10) as c:
             for b in backends:
                 st = (await c.get(f"{b}/emulator/requests")).json()
@@ -307,6 +308,8 @@ async def run_one(run: Run, items, preds, args, redis: RedisServer, k: int) -> d
                **summarize(samples, args, wall), "engine": engine,
                "router_cpu_s": cpu[0], "router_cpu_util": cpu[0] / wall, "emulator_cpu_util": cpu[1] / wall,
                "router_preemptions": _metric(metrics, "lenpred_router_preemptions_total"),
+               "probes": {o: _metric(metrics, f'lenpred_router_probes_total{{outcome="{o}"}}')
+                          for o in ("prediction", "timeout", "failed")},
                "batch_summary": summary}
         out["preemptions"] = engine["retractions"] + out["router_preemptions"]
         if summary.get("replica_finish_s"):
@@ -382,6 +385,14 @@ def render(result: dict) -> str:
     lines.append("Router+HTTP time per request (wall ms, client e2e minus engine time) p50/p99: " + ", ".join(
         f"{r['label']}: {r['router_http_overhead_wall_ms_p50'] or 0:.1f}/{r['router_http_overhead_wall_ms_p99'] or 0:.1f}"
         for r in result["runs"]) + ".")
+    lines.append("Prompt tokens served from the emulated prefix cache: " + ", ".join(
+        f"{r['label']}: {r['engine'].get('cached_prompt_tokens', 0) / max(r['engine'].get('prompt_tokens', 0), 1):.0%}"
+        for r in result["runs"]) + ".")
+    probed = [r for r in result["runs"] if sum((r.get("probes") or {}).values())]
+    if probed:
+        lines.append("Probe outcomes (prediction/timeout/failed): " + ", ".join(
+            f"{r['label']}: " + "/".join(f"{r['probes'][o]:.0f}" for o in ("prediction", "timeout", "failed"))
+            for r in probed) + ".")
     return "\n".join(lines) + "\n"
 
 

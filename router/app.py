@@ -11,9 +11,8 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import httpx
 from fastapi import FastAPI, Request
@@ -23,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lenpred.keys import PredictionRecord
 from lenpred.router.config import DEFAULT_PROFILE, Policy, PolicyWatcher, Profile, RouterConfig
 from lenpred.router.continuation import Part, continuation, merge, part_of
+from lenpred.router.ids import new_rid
 from lenpred.router.interfaces import Estimate, Move, Preemptor, RequestView
 from lenpred.router.metrics import RouterMetrics
 from lenpred.router.parsing import max_tokens_of, prompt_of, usage_of
@@ -49,7 +49,7 @@ class Tracked:
     queued_s: float | None = None
     status: int | None = None
     drop_reason: str | None = None
-    estimate_at_dispatch: str | None = None
+    estimate_at_dispatch: Estimate | None = None   # formatted only when someone asks (describe)
     attempt_rid: str = ""            # rid of the attempt running now (the rid, or rid-mK after K moves)
     move_to: str | None = None       # a move decided and not yet carried out
     move_reason: str = ""
@@ -241,8 +241,7 @@ class Router:
             self.fallback.observe(int(event.get("prompt_tokens", 0)), int(event["output_tokens"]))
 
     def _on_dispatch(self, req: RequestView, placement: Placement) -> None:
-        self.metrics.estimates.labels(req.estimate.source).inc()
-        self.metrics.queue_wait.observe(placement.queued_s)
+        self.metrics.dispatched(req.estimate.source, placement.queued_s)
 
     def _on_drop(self, req: RequestView, d: Dropped) -> None:
         self.metrics.dropped.labels(d.reason).inc()
@@ -267,7 +266,7 @@ class Router:
                           "invalid_request_error")
         text, prompt_tokens = prompt_of(body, api)
         max_tokens = max_tokens_of(body, api)
-        rid = f"lp-{uuid.uuid4().hex}"
+        rid = new_rid()
         req = RequestView(rid=rid, api=api, prompt_tokens=prompt_tokens, prompt_text=text, max_tokens=max_tokens,
                           arrival=self.config.handle.clock(), estimate=self.fallback.estimate(prompt_tokens, max_tokens),
                           client_priority=body.get("priority") if isinstance(body.get("priority"), int) else None)
@@ -288,12 +287,12 @@ class Router:
                                                     prefer=tracked.probe["replica"] if tracked.probe else None)
         except Dropped as d:
             tracked.state, tracked.status, tracked.drop_reason = "dropped", d.status, d.reason
-            self.metrics.requests.labels(api, str(d.status)).inc()
+            self.metrics.answered(api, d.status)
             return _error(d.status, str(d), "overloaded", {**headers, "x-lenpred-drop-reason": d.reason})
         finally:
             self.metrics.queue_depth.set(self.scheduler.depth())
         tracked.state, tracked.queued_s = "running", placement.queued_s
-        tracked.engine_priority, tracked.estimate_at_dispatch = placement.priority, req.estimate.header()
+        tracked.engine_priority, tracked.estimate_at_dispatch = placement.priority, req.estimate
         body["rid"] = rid
         tracked.attempt_rid = rid
         if placement.priority is not None:
@@ -309,7 +308,7 @@ class Router:
         except ERRORS as e:
             tracked.state, tracked.status = "failed", 502
             self.scheduler.release(req, placement.profile)
-            self.metrics.requests.labels(api, "502").inc()
+            self.metrics.answered(api, 502)
             return _error(502, f"no replica answered: {e}", "upstream_error", headers)
         except BaseException:  # cancelled (client gone) while connecting
             tracked.state = "failed"
@@ -341,7 +340,7 @@ class Router:
                 content = await resp.aread()
         except ERRORS as e:
             tracked.state, tracked.status = "failed", 502
-            self.metrics.requests.labels(api, "502").inc()
+            self.metrics.answered(api, 502)
             return _error(502, f"the replica failed: {e}", "upstream_error", headers)
         finally:
             await resp.aclose()
@@ -373,6 +372,13 @@ class Router:
             return
         replica = place(profile, req, healthy)
         pbody = probe_body(body, api, req.rid)
+        # The probe is one token of work: give it the engine priority of a one-token request, so
+        # it prefills ahead of the engine's waiting queue and its prediction arrives in time.
+        prio = profile.orderer.engine_priority(
+            replace(req, estimate=Estimate(p50=1, p90=1, remaining_p50=1, remaining_p90=1, source="probe")),
+            self.config.handle.clock())
+        if prio is not None:
+            pbody["priority"] = prio
         info = tracked.probe = {"rid": pbody["rid"], "replica": replica, "outcome": "timeout", "wait_ms": 0.0,
                                 "estimate": None}
         started = time.monotonic()
@@ -522,8 +528,7 @@ class Router:
         if tracked.state == "running":
             tracked.state = "finished" if status == 200 else "failed"
         tracked.status = status
-        self.metrics.requests.labels(tracked.req.api, str(status)).inc()
-        self.metrics.duration.labels(tracked.req.api).observe(time.monotonic() - started)
+        self.metrics.answered(tracked.req.api, status, time.monotonic() - started)
 
     async def _prediction_header(self, req: RequestView) -> str:
         rec = await self.predictions.get(req.rid)
@@ -545,7 +550,7 @@ class Router:
                 "replica": t.req.replica, "status": t.status, "drop_reason": t.drop_reason,
                 "prompt_tokens_estimate": t.req.prompt_tokens, "max_tokens": t.req.max_tokens,
                 "generated": t.req.generated, "queued_s": t.queued_s, "engine_priority": t.engine_priority,
-                "estimate_at_dispatch": t.estimate_at_dispatch, "estimate": asdict(t.req.estimate),
+                "estimate_at_dispatch": t.estimate_at_dispatch and t.estimate_at_dispatch.header(), "estimate": asdict(t.req.estimate),
                 "fallback_used": t.req.estimate.source == "fallback",
                 "moves": t.moves, "attempt_rid": t.attempt_rid, "move_reason": t.move_reason or None,
                 "probe": t.probe,

@@ -25,13 +25,13 @@ import contextlib
 import itertools
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import httpx
 
 from lenpred.router.continuation import Part, continuation, merge, part_of, with_cap
+from lenpred.router.ids import new_rid
 from lenpred.router.interfaces import Estimate, MicroBatch, RequestView
 from lenpred.router.parsing import max_tokens_of, prompt_of
 from lenpred.router.predictions import estimate_from_record
@@ -108,13 +108,13 @@ class BatchRun:
         self.router, self.api, self.profile_name = router, api, profile
         self.profile = router.policy.profiles[profile]
         self.batcher = self.profile.batcher
-        self.id = f"lpb-{uuid.uuid4().hex[:12]}"
+        self.id = new_rid("lpb")
         clock = router.config.handle.clock
         self.items = []
         for i, body in enumerate(bodies):
             text, ptoks = prompt_of(body, api)
             mt = max_tokens_of(body, api)
-            req = RequestView(rid=f"lp-{uuid.uuid4().hex}", api=api, prompt_tokens=ptoks, prompt_text=text,
+            req = RequestView(rid=new_rid(), api=api, prompt_tokens=ptoks, prompt_text=text,
                               max_tokens=mt, arrival=clock(), estimate=router.fallback.estimate(ptoks, mt),
                               pinned=True)   # batch plans place and continue their own requests: never moved
             self.items.append(Item(i, body, req))

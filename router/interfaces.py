@@ -13,6 +13,7 @@ accounting of what it sent there). Implementations live in `lenpred.router.plugi
 from __future__ import annotations
 
 import enum
+import functools
 import random
 import statistics
 import time
@@ -65,13 +66,18 @@ class Estimate:
         return f"p50={self.p50:.0f};p90={self.p90:.0f};source={self.source};step={self.step}"
 
 
+@functools.lru_cache(maxsize=64)
+def _quantile_factor(q: float) -> float:
+    """Where `q` sits between p50 (0) and p90 (1) on a normal scale."""
+    return 0.0 if q == 0.5 else 1.0 if q == 0.9 else statistics.NormalDist().inv_cdf(q) / _Z90
+
+
 def _at_quantile(p50: float, p90: float, q: float) -> float:
     if q == 0.5:
         return p50
     if q == 0.9:
         return p90
-    z = statistics.NormalDist().inv_cdf(q)
-    return max(p50 + (p90 - p50) * z / _Z90, 0.0)
+    return max(p50 + (p90 - p50) * _quantile_factor(q), 0.0)
 
 
 @dataclass
@@ -133,13 +139,27 @@ class ReplicaView:
     inflight: dict[str, RequestView] = field(default_factory=dict)
 
     def predicted_remaining(self, quantile: float) -> float:
-        """Decode tokens still to come on this replica from the router's in-flight requests."""
-        return sum(r.estimate.remaining(quantile, r.generated) for r in self.inflight.values())
+        """Decode tokens still to come on this replica from the router's in-flight requests:
+        the sum of `r.estimate.remaining(quantile, r.generated)`, inlined because scorers and
+        admitters call it for every replica on every placement (O(in-flight) each time)."""
+        k, total = _quantile_factor(quantile), 0.0
+        for r in self.inflight.values():
+            e = r.estimate
+            rem = (e.remaining_p50 if k == 0.0 else e.remaining_p90 if k == 1.0
+                   else max(e.remaining_p50 + (e.remaining_p90 - e.remaining_p50) * k, 0.0))
+            ahead = r.generated - e.step
+            if ahead > 0:
+                rem -= ahead
+            if rem > 0:
+                total += rem
+        return total
 
     def current_tokens(self) -> int:
         """KV tokens in use: the engine's report, or the router's own count when that is larger
         (the report lags by up to one poll interval)."""
-        own = sum(r.prompt_tokens + r.generated for r in self.inflight.values())
+        own = 0
+        for r in self.inflight.values():
+            own += r.prompt_tokens + r.generated
         return max(self.load.num_used_tokens, own)
 
 
