@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(summarize(name, f"emulated ({a.cost_model})", rows))
             print(f"[crosscheck]   {json.dumps(results[-1])}", flush=True)
     comparison = compare(results, policies)
-    preds = [(v["pred"], v["true_len"]) for v in truth.values() if v["pred"] is not None]
+    # the router caps every estimate at the request's max_tokens: score what it used
+    preds = [(min(v["pred"], a.max_tokens), v["true_len"]) for v in truth.values() if v["pred"] is not None]
     result = {"args": vars(a), "policies": [os.path.relpath(x) for x in policies], "results": results,
               "comparison": comparison, "prompts": len(prompts), "measured": len(truth),
               "prediction_mae": statistics.fmean(abs(p - t) for p, t in preds) if preds else None,
@@ -279,7 +280,8 @@ def render(result: dict) -> str:
              f"Poisson {a['rate']} req/s, greedy, max_tokens {a['max_tokens']}; {a['replicas']} replicas. Real: SGLang "
              f"0.5.23 on CPU serving SmolLM2-135M-Instruct with the tap, the real sidecar (CPU) and router. Emulated: "
              f"`{a['cost_model']}` preset, each request's real length and the real heads' prefill prediction "
-             f"(MAE {result['prediction_mae'] or float('nan'):.1f} tokens over {result['measured']} requests).", "",
+             f"(MAE {result['prediction_mae'] or float('nan'):.1f} tokens over {result['measured']} requests, "
+             f"predictions capped at max_tokens as the router caps them).", "",
              report.markdown_table(result["results"], COLUMNS), ""]
     comp = result["comparison"]
     for n, ratios in comp["emulated_over_real"].items():

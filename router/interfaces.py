@@ -95,6 +95,7 @@ class RequestView:
     replica: str | None = None
     generated: int = 0            # tokens seen streaming back (0 for non-streamed until done)
     pinned: bool = False          # the router will not move it (batch attempt, move in progress)
+    seq: int = 0                  # dispatch order in the pool (0: never dispatched)
 
     def progress(self) -> int:
         """Output tokens produced so far: counted while streaming, else the step of the latest
@@ -137,6 +138,9 @@ class ReplicaView:
     name: str
     load: EngineLoad = field(default_factory=EngineLoad)
     inflight: dict[str, RequestView] = field(default_factory=dict)
+    load_seq: int = -1
+    """Dispatch `seq` when `load` was requested: requests dispatched later are not in the report
+    (-1: no report taken into account yet, every in-flight request counts as unreported)."""
 
     def predicted_remaining(self, quantile: float) -> float:
         """Decode tokens still to come on this replica from the router's in-flight requests:
@@ -155,12 +159,22 @@ class ReplicaView:
         return total
 
     def current_tokens(self) -> int:
-        """KV tokens in use: the engine's report, or the router's own count when that is larger
-        (the report lags by up to one poll interval)."""
-        own = 0
+        """KV tokens in use: the engine's report plus the prompts dispatched since it was taken,
+        or the router's own count when that is larger. Without the unreported prompts a stale
+        report hid the router's own dispatches, and load-based placement sent a burst of
+        arrivals to the replica that had just drained (docs/results/schedule.md, 60 req/s)."""
+        own = unreported = 0
         for r in self.inflight.values():
             own += r.prompt_tokens + r.generated
-        return max(self.load.num_used_tokens, own)
+            if r.seq > self.load_seq:
+                unreported += r.prompt_tokens
+        return max(self.load.num_used_tokens + unreported, own)
+
+    def current_requests(self) -> int:
+        """Running + waiting requests: the engine's report plus those dispatched since, or the
+        router's own count when that is larger."""
+        unreported = sum(1 for r in self.inflight.values() if r.seq > self.load_seq)
+        return max(self.load.num_running_reqs + self.load.num_waiting_reqs + unreported, len(self.inflight))
 
 
 class Verdict(str, enum.Enum):

@@ -32,13 +32,15 @@ class ReplicaPool:
         self._settings = settings
         self._on_change = on_change
         self.inflight: dict[str, RequestView] = {}
+        self._seq = 0
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.healthy]
 
     # -- in-flight accounting -------------------------------------------------------------
     def add(self, req: RequestView, replica: str) -> None:
-        req.replica = replica
+        self._seq += 1
+        req.replica, req.seq = replica, self._seq
         self.replicas[replica].inflight[req.rid] = req
         self.inflight[req.rid] = req
 
@@ -64,6 +66,7 @@ class ReplicaPool:
 
     async def _poll(self, r: Replica) -> None:
         timeout = self._settings().timeout_s
+        seq = self._seq   # what was dispatched before this poll is (mostly) in its report
         try:
             health = await self.client.get(f"{r.name}/health", timeout=timeout)
             if health.status_code != 200:
@@ -71,7 +74,7 @@ class ReplicaPool:
                                             response=health)
             loads = await self.client.get(f"{r.name}/v1/loads", params={"include": "core"}, timeout=timeout)
             loads.raise_for_status()
-            r.load = EngineLoad.from_v1_loads(loads.json())
+            r.load, r.load_seq = EngineLoad.from_v1_loads(loads.json()), seq
         except (httpx.HTTPError, ValueError) as e:
             self.mark_fail(r, f"{type(e).__name__}: {e}")
             return

@@ -13,8 +13,8 @@ class LeastLoadParameters(PluginParameters):
 
 
 class LeastLoadScorer(Scorer):
-    """The baseline load balancer. Uses the larger of the engine's report and the router's own
-    count, because the report lags by up to one poll interval."""
+    """The baseline load balancer. The engine's report lags by up to one poll interval, so what
+    the router dispatched since is added to it (ReplicaView.current_requests/current_tokens)."""
 
     Parameters = LeastLoadParameters
     params: LeastLoadParameters
@@ -23,6 +23,5 @@ class LeastLoadScorer(Scorer):
         if self.params.metric == "tokens":
             loads = {r.name: float(r.current_tokens()) for r in replicas}
         else:
-            loads = {r.name: float(max(r.load.num_running_reqs + r.load.num_waiting_reqs, len(r.inflight)))
-                     for r in replicas}
+            loads = {r.name: float(r.current_requests()) for r in replicas}
         return inverse_relative(loads)
