@@ -205,9 +205,11 @@ class BatchRun:
                     await asyncio.gather(*(self._member(it, replica, mb.max_tokens, group) for it in self._items(mb)))
             else:
                 tasks = []
-                for mb in batches:
+                for k, mb in enumerate(batches):
+                    group = ((f"{self.id}-{replica[-5:]}-{self.stats['rounds']}-{k}", len(mb.requests))
+                             if plan.release == "queued" else None)
                     for it in self._items(mb):
-                        tasks.append(asyncio.create_task(self._member(it, replica, mb.max_tokens)))
+                        tasks.append(asyncio.create_task(self._member(it, replica, mb.max_tokens, group)))
                         await asyncio.sleep(0)  # keep the plan's order on the wire
                 await asyncio.gather(*tasks)
             self.stats["replica_finish_s"][replica] = time.monotonic() - self._started

@@ -280,8 +280,11 @@ class MicroBatch:
 @dataclass
 class BatchPlan:
     """Micro-batches in release order per replica. `sequential`: a replica gets its next
-    micro-batch only when the previous one has finished (static-batching engines); `all`: every
-    request is sent at once in plan order and the engine's continuous batching takes it from there."""
+    micro-batch only when the previous one has finished (static-batching engines); `queued`: every
+    micro-batch is sent at once, in order, each member tagged with its micro-batch id and size, for
+    engines that queue tagged batches and run them one at a time (no turnaround between batches);
+    `all`: every request is sent at once in plan order, untagged, and the engine's continuous
+    batching takes it from there."""
 
     batches: list[MicroBatch]
     release: str = "sequential"

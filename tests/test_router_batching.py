@@ -3,6 +3,8 @@ over real HTTP (emulated static-batching SGLang replicas, real Redis, the emulat
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -143,3 +145,32 @@ def test_batch_api_probes_groups_caps_and_continues_without_losing_tokens(batch_
     nostream = client.post("/v1/lenpred/batch", json={"requests": bodies[:2], "stream": False}).json()
     assert [x["index"] for x in nostream["results"]] == [0, 1] and nostream["summary"]["requests"] == 2
     assert client.post("/v1/lenpred/batch", json={"requests": "nope"}).status_code == 400
+
+
+def test_queued_release_sends_every_micro_batch_at_once_and_the_engine_keeps_them_apart(batch_stack):
+    """`release: queued`: no router turnaround between micro-batches; the static engine still
+    runs them one tagged batch at a time (steps = the sum of each batch's longest answer)."""
+    client, emus = batch_stack(batcher_policy("fcfs-batcher", batch_size=2, release="queued"), n=1,
+                               static_batching=True, step_base_s=0.03)
+    lengths = [10, 2, 3, 9, 4, 4]
+    bodies = [{"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 100},
+               "custom_params": {"emulated_output_len": L}} for L in lengths]
+    seen: list[tuple[int, int]] = []   # (received, finished) at the engine while the batch runs
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            st = httpx.get(f"{emus[0].url}/emulator/requests").json()
+            seen.append((len(st["received"]), len(st["finished"])))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        r = client.post("/v1/lenpred/batch", json={"api": "generate", "requests": bodies, "stream": False}).json()
+    finally:
+        done.set()
+        watcher.join()
+    assert [x["response"]["meta_info"]["completion_tokens"] for x in r["results"]] == lengths
+    assert min(f for rcv, f in seen if rcv == 6) <= 2      # all six were at the engine before batch 2 ended
+    assert httpx.get(f"{emus[0].url}/emulator/requests").json()["steps"] == 10 + 9 + 4

@@ -12,9 +12,10 @@ from lenpred.router.plugins.batching._assign import assign_round_robin
 class FCFSBatcherParameters(PluginParameters):
     batch_size: int = Field(16, ge=1)
     """Requests per micro-batch."""
-    release: Literal["sequential", "all"] = "sequential"
+    release: Literal["sequential", "queued", "all"] = "sequential"
     """`sequential`: a replica's next micro-batch goes out when its previous one is done (static
-    batching); `all`: everything is sent at once (continuous batching)."""
+    batching); `queued`: all micro-batches at once, tagged, for engines that queue tagged batches;
+    `all`: everything is sent at once (continuous batching)."""
 
 
 class FCFSBatcher(Batcher):

@@ -36,8 +36,9 @@ class LengthBucketParameters(PluginParameters):
     width_cost: float = Field(0.004, ge=0.0)
     """Cost model for LPT: a batch costs steps x (1 + width_cost x size); 0.004 is b/a of the
     emulated 7B-on-H100 step (25 us per token over a 6 ms step)."""
-    release: Literal["sequential", "all"] = "sequential"
-    """`sequential` for static-batching engines; `all` for continuous batching."""
+    release: Literal["sequential", "queued", "all"] = "sequential"
+    """`sequential` for static-batching engines; `queued` for static engines that queue tagged
+    micro-batches (no turnaround between batches); `all` for continuous batching."""
 
 
 class LengthBucketBatcher(Batcher):
