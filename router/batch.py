@@ -23,18 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-import httpx
 
 from lenpred.router.continuation import Part, continuation, merge, part_of, with_cap
 from lenpred.router.ids import new_rid
 from lenpred.router.interfaces import Estimate, MicroBatch, RequestView
 from lenpred.router.parsing import max_tokens_of, prompt_of
 from lenpred.router.predictions import estimate_from_record
+from lenpred.router.upstream import ERRORS
 
 if TYPE_CHECKING:
     from lenpred.keys import PredictionRecord
@@ -124,8 +125,14 @@ class BatchRun:
                       "replica_finish_s": {}}
         self._started = time.monotonic()
 
-    async def _post(self, replica: str, body: dict) -> httpx.Response:
-        return await self.router.client.post(f"{replica}{PATHS[self.api]}", json=body)
+    async def _post(self, replica: str, body: dict) -> tuple[int, bytes]:
+        """Through the router's aiohttp upstream: a batch has hundreds of requests in flight per
+        replica, where httpx's pool scan per request grows with the open connections."""
+        resp = await self.router.upstream.post(f"{replica}{PATHS[self.api]}", body)
+        try:
+            return resp.status_code, await resp.aread()
+        finally:
+            await resp.aclose()
 
     # -- 1. probe ----------------------------------------------------------------------------
     async def probe(self) -> None:
@@ -143,7 +150,7 @@ class BatchRun:
                 try:
                     await self._post(replica, body)
                     self.stats["probes"] += 1
-                except httpx.HTTPError as e:
+                except ERRORS as e:
                     log.debug("probe %s failed: %s", body["rid"], e)
 
         await asyncio.gather(*(one(it, healthy[i % len(healthy)]) for i, it in enumerate(self.items)))
@@ -173,9 +180,9 @@ class BatchRun:
         self.router.pool.add(req, replica)
         self.router.batch_rids[rid] = req
         try:
-            resp = await self._post(replica, body)
-            payload = resp.json() if resp.status_code == 200 else None
-        except (httpx.HTTPError, ValueError) as e:
+            status, content = await self._post(replica, body)
+            payload = json.loads(content) if status == 200 else None
+        except (*ERRORS, ValueError) as e:
             item.status, item.error, item.done = 502, f"{type(e).__name__}: {e}", True
             return
         finally:
@@ -183,7 +190,7 @@ class BatchRun:
             self.router.batch_rids.pop(rid, None)
             self.router.scheduler.dispatch()
         if payload is None:
-            item.status, item.error, item.done = resp.status_code, resp.text[:500], True
+            item.status, item.error, item.done = status, content[:500].decode(errors="replace"), True
             return
         part = part_of(payload, self.api)
         item.parts.append(part)

@@ -2,7 +2,8 @@
 
 httpx's connection pool scans every pooled connection (a `select` per idle socket) on each request,
 which made it most of the router's CPU time under load (router/README.md, "Overhead"); aiohttp's
-pool does not. httpx stays for the router's low-rate calls (health and load polls, aborts).
+pool does not. Proxied requests, probes and batch requests go through it; httpx stays for the
+router's low-rate calls (health and load polls, aborts, /v1/models).
 """
 from __future__ import annotations
 
