@@ -382,14 +382,14 @@ class Router:
         info = tracked.probe = {"rid": pbody["rid"], "replica": replica, "outcome": "timeout", "wait_ms": 0.0,
                                 "estimate": None}
         started = time.monotonic()
-        sent = asyncio.create_task(asyncio.wait_for(self._post_status(f"{replica}{PATHS[api]}", pbody),
+        sent = asyncio.create_task(asyncio.wait_for(self.upstream.post_read(f"{replica}{PATHS[api]}", pbody),
                                                     timeout=max(profile.probe.timeout_ms / 1000, 5.0)))
         self._background.add(sent)
         sent.add_done_callback(self._background.discard)
         sent.add_done_callback(lambda t: t.cancelled() or t.exception())   # a failed probe is no error
 
         def failed() -> bool:
-            return sent.done() and (sent.cancelled() or sent.exception() is not None or sent.result() != 200)
+            return sent.done() and (sent.cancelled() or sent.exception() is not None or sent.result()[0] != 200)
 
         got = await wait_for_predictions(self, [pbody["rid"]], profile.probe.timeout_ms / 1000, poll_s=0.01,
                                          give_up=failed)
@@ -401,16 +401,6 @@ class Router:
         elif failed():
             info["outcome"] = "failed"
         self.metrics.probes.labels(info["outcome"]).inc()
-
-    async def _post_status(self, url: str, body: dict) -> int:
-        """POST through the aiohttp upstream, read the answer, return the status (probes: at high
-        request rates httpx's per-request pool scan grows with the open connections)."""
-        resp = await self.upstream.post(url, body)
-        try:
-            await resp.aread()
-            return resp.status_code
-        finally:
-            await resp.aclose()
 
     async def _send(self, req: RequestView, placement: Placement, api: str, body: dict) -> UpstreamResponse:
         """Send to the placed replica; on a refused connection, mark it and re-place elsewhere
@@ -559,7 +549,8 @@ class Router:
                 "replica": t.req.replica, "status": t.status, "drop_reason": t.drop_reason,
                 "prompt_tokens_estimate": t.req.prompt_tokens, "max_tokens": t.req.max_tokens,
                 "generated": t.req.generated, "queued_s": t.queued_s, "engine_priority": t.engine_priority,
-                "estimate_at_dispatch": t.estimate_at_dispatch and t.estimate_at_dispatch.header(), "estimate": asdict(t.req.estimate),
+                "estimate_at_dispatch": t.estimate_at_dispatch and t.estimate_at_dispatch.header(),
+                "estimate": asdict(t.req.estimate),
                 "fallback_used": t.req.estimate.source == "fallback",
                 "moves": t.moves, "attempt_rid": t.attempt_rid, "move_reason": t.move_reason or None,
                 "probe": t.probe,

@@ -126,13 +126,7 @@ class BatchRun:
         self._started = time.monotonic()
 
     async def _post(self, replica: str, body: dict) -> tuple[int, bytes]:
-        """Through the router's aiohttp upstream: a batch has hundreds of requests in flight per
-        replica, where httpx's pool scan per request grows with the open connections."""
-        resp = await self.router.upstream.post(f"{replica}{PATHS[self.api]}", body)
-        try:
-            return resp.status_code, await resp.aread()
-        finally:
-            await resp.aclose()
+        return await self.router.upstream.post_read(f"{replica}{PATHS[self.api]}", body)
 
     # -- 1. probe ----------------------------------------------------------------------------
     async def probe(self) -> None:

@@ -64,3 +64,12 @@ class Upstream:
     async def post(self, url: str, body: dict) -> UpstreamResponse:
         resp = await self._session.post(url, data=dumps(body), headers={"content-type": "application/json"})
         return UpstreamResponse(resp.status, resp.headers, resp)
+
+    async def post_read(self, url: str, body: dict) -> tuple[int, bytes]:
+        """POST and read the whole answer: (status, body). For probes and batch members, where
+        hundreds are in flight per replica (httpx's pool scan grows with the open connections)."""
+        resp = await self.post(url, body)
+        try:
+            return resp.status_code, await resp.aread()
+        finally:
+            await resp.aclose()
