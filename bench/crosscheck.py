@@ -161,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", default=None)
     a = p.parse_args(argv)
     policies = a.policy or [str(POLICY_DIR / "baseline-round-robin.yaml"), str(POLICY_DIR / "predicted.yaml")]
-    prompts = pick_prompts(a.prompts, a.n, a.seed, a.max_prompt_chars)
+    from lenpred.train.prompts import PromptFileError
+
+    try:
+        prompts = pick_prompts(a.prompts, a.n, a.seed, a.max_prompt_chars)
+    except PromptFileError as e:
+        p.error(str(e))
+    if len(prompts) < a.n:
+        p.error(f"{a.prompts}: only {len(prompts)} prompts of <= {a.max_prompt_chars} characters, {a.n} asked for")
     rng = random.Random(a.seed)
     offsets, t = [], 0.0
     for _ in prompts:

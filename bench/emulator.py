@@ -124,6 +124,10 @@ class EmulatorConfig:
     prefix_page_tokens: int = 16
     """Prefix-cache page size in tokens (matches are whole pages)."""
 
+    def __post_init__(self) -> None:
+        if self.prefix_page_tokens < 1:
+            raise ValueError(f"prefix_page_tokens must be >= 1 (got {self.prefix_page_tokens})")
+
 
 @dataclass
 class _Req:
@@ -809,7 +813,10 @@ def main(argv: list[str] | None = None) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(EmulatorConfig)}
     if args.cost_model:
         values.update(COST_MODELS[args.cost_model])
-    cfg = EmulatorConfig(**values)
+    try:
+        cfg = EmulatorConfig(**values)
+    except ValueError as e:
+        p.error(str(e))
     if args.ports:
         import uvloop
 

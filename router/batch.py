@@ -199,16 +199,19 @@ class BatchRun:
         per_replica = plan.per_replica()
         self.stats["micro_batches"] += len(plan.batches)
 
+        def tag(replica: str, k: int, mb: MicroBatch) -> tuple[str, int]:
+            """Micro-batch id and size, as static-batching engines are told them."""
+            return f"{self.id}-{replica[-5:]}-{self.stats['rounds']}-{k}", len(mb.requests)
+
         async def replica_worker(replica: str, batches: list[MicroBatch]) -> None:
             if plan.release == "sequential":
                 for k, mb in enumerate(batches):
-                    group = (f"{self.id}-{replica[-5:]}-{self.stats['rounds']}-{k}", len(mb.requests))
+                    group = tag(replica, k, mb)
                     await asyncio.gather(*(self._member(it, replica, mb.max_tokens, group) for it in self._items(mb)))
             else:
                 tasks = []
                 for k, mb in enumerate(batches):
-                    group = ((f"{self.id}-{replica[-5:]}-{self.stats['rounds']}-{k}", len(mb.requests))
-                             if plan.release == "queued" else None)
+                    group = tag(replica, k, mb) if plan.release == "queued" else None
                     for it in self._items(mb):
                         tasks.append(asyncio.create_task(self._member(it, replica, mb.max_tokens, group)))
                         await asyncio.sleep(0)  # keep the plan's order on the wire

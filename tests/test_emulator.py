@@ -155,3 +155,13 @@ async def test_prefix_cache_evicts_under_kv_pressure_and_off_switch(emulator):
     hits = [httpx.post(f"{off.url}/generate", json=gen(1, ids=first)).json()["meta_info"]["cached_tokens"]
             for _ in range(2)]
     assert hits == [0, 0]
+
+
+def test_bad_prefix_page_size_is_refused_clearly(capsys):
+    from lenpred.bench.emulator import EmulatorConfig, main
+
+    with pytest.raises(ValueError, match="prefix_page_tokens must be >= 1"):
+        EmulatorConfig(prefix_page_tokens=0)
+    with pytest.raises(SystemExit) as e:
+        main(["--prefix-page-tokens", "0"])
+    assert e.value.code == 2 and "prefix_page_tokens must be >= 1" in capsys.readouterr().err
