@@ -31,10 +31,10 @@ import time
 import httpx
 
 from lenpred.bench import report
-from lenpred.bench.emulator import COST_MODELS
-from lenpred.keys import events_channel
-from lenpred.procs import lenpred_argv, spawn, wait_grpc, wait_http
-from lenpred.redisproc import RedisServer, free_port
+from lenpred.harness.emulator import COST_MODELS
+from lenpred.contract.keys import events_channel
+from lenpred.harness.procs import lenpred_argv, spawn, wait_grpc, wait_http
+from lenpred.harness.redisproc import RedisServer, free_port
 
 POLICY_DIR = pathlib.Path(__file__).resolve().parent.parent / "router" / "policies"
 DEFAULT_PROMPTS = "../shared/data/sharegpt/first_turn.jsonl"
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         offsets.append(t)
         t += rng.expovariate(a.rate)
     log_dir = pathlib.Path(a.log_dir or tempfile.mkdtemp(prefix="lenpred-crosscheck-"))
-    from lenpred.engine import start_engine
+    from lenpred.harness.engine import start_engine
 
     results: list[dict] = []
     per_request: dict[str, dict] = {}
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, pol in enumerate(policies):
             name = pathlib.Path(pol).stem
             ports = [free_port() for _ in range(a.replicas)]
-            emu = spawn(f"emulator-{k}", [sys.executable, "-m", "lenpred.bench.emulator", "--ports",
+            emu = spawn(f"emulator-{k}", [sys.executable, "-m", "lenpred.harness.emulator", "--ports",
                                           ",".join(map(str, ports)), "--cost-model", a.cost_model,
                                           "--redis-url", redis.url, "--namespace", f"emu{k}", "--plp-every", "16",
                                           "--model", "default"], log_dir)

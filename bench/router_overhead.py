@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from lenpred.bench import report
-from lenpred.redisproc import free_port
+from lenpred.harness.redisproc import free_port
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "router" / "policies"
 

@@ -3,7 +3,7 @@
 on the same trace in the same run, and report throughput, makespan, TTFT/TPOT/end-to-end latency
 percentiles, goodput under an SLO and preemptions.
 
-Every latency and throughput number here is EMULATED: engines are `lenpred.bench.emulator` with a
+Every latency and throughput number here is EMULATED: engines are `lenpred.harness.emulator` with a
 step-cost preset (`--cost-model`, documented in docs/ROUTER.md), run `--time-scale` times slower
 (or faster) than emulated time; reported seconds are emulated seconds.
 
@@ -38,8 +38,8 @@ from pathlib import Path
 import httpx
 
 from lenpred.bench import report
-from lenpred.bench.emulator import COST_MODELS
-from lenpred.redisproc import RedisServer, free_port
+from lenpred.harness.emulator import COST_MODELS
+from lenpred.harness.redisproc import RedisServer, free_port
 
 DEFAULT_TRACE = "../shared/data/seqsched-vicuna7b/alpaca-val-10k-length.json"
 POLICY_DIR = Path(__file__).resolve().parent.parent / "router" / "policies"
@@ -122,7 +122,7 @@ def _env() -> dict:
 
 
 def start_emulators(args, ports: list[int], redis_url: str, ns: str, static: bool, priority: bool) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lenpred.bench.emulator", "--ports", ",".join(map(str, ports)),
+    cmd = [sys.executable, "-m", "lenpred.harness.emulator", "--ports", ",".join(map(str, ports)),
            "--cost-model", args.cost_model, "--time-scale", str(args.time_scale), "--redis-url", redis_url,
            "--namespace", ns, "--plp-every", str(args.plp_every), "--prediction-sigma", "0.5",
            "--seed", str(args.seed)]

@@ -20,12 +20,12 @@ import time
 import grpc
 import torch
 
-from lenpred import wire
+from lenpred.contract import wire
 from lenpred.bench.report import environment, markdown_table, write
 from lenpred.proto.v1 import lenpred_pb2 as pb
-from lenpred.procs import lenpred_argv, spawn, wait_grpc
+from lenpred.harness.procs import lenpred_argv, spawn, wait_grpc
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
-from lenpred.redisproc import free_port
+from lenpred.harness.redisproc import free_port
 from lenpred.sidecar.heads import random_head, save_head
 from lenpred.sidecar.server import pick_device
 

@@ -9,11 +9,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("lenpred.demo", "end-to-end demo: Redis + sidecar + SGLang with the tap + router, real prompts"),
+    "demo": ("lenpred.harness.demo", "end-to-end demo: Redis + sidecar + SGLang with the tap + router, real prompts"),
     "sidecar": ("lenpred.sidecar.cli", "run the gRPC prediction sidecar"),
     "router": ("lenpred.router.cli", "run the OpenAI-compatible router (serve) or check a policy file (validate)"),
-    "engine": ("lenpred.engine", "run one real SGLang replica on CPU with the tap (dev/test launcher)"),
-    "emulator": ("lenpred.bench.emulator", "run an engine emulator speaking SGLang's HTTP API (benchmarks)"),
+    "engine": ("lenpred.harness.engine", "run one real SGLang replica on CPU with the tap (dev/test launcher)"),
+    "emulator": ("lenpred.harness.emulator", "run an engine emulator speaking SGLang's HTTP API (benchmarks)"),
     "collect": ("lenpred.train.collect", "collect length traces from the real model through the tap code"),
     "train": ("lenpred.train.train", "train EGTP/PLP heads and baselines"),
     "eval": ("lenpred.train.evaluate", "evaluate predictors on held-out traces"),

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lenpred.keys import PredictionRecord
+from lenpred.contract.keys import PredictionRecord
 from lenpred.router.config import DEFAULT_PROFILE, Policy, PolicyWatcher, Profile, RouterConfig
 from lenpred.router.continuation import Part, continuation, merge, part_of
 from lenpred.router.ids import new_rid

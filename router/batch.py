@@ -38,7 +38,7 @@ from lenpred.router.predictions import estimate_from_record
 from lenpred.router.upstream import ERRORS
 
 if TYPE_CHECKING:
-    from lenpred.keys import PredictionRecord
+    from lenpred.contract.keys import PredictionRecord
     from lenpred.router.app import Router
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from lenpred.keys import DEFAULT_NAMESPACE
+from lenpred.contract.keys import DEFAULT_NAMESPACE
 
 
 def _parser() -> argparse.ArgumentParser:

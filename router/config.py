@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lenpred.keys import DEFAULT_NAMESPACE
+from lenpred.contract.keys import DEFAULT_NAMESPACE
 from lenpred.router import registry
 from lenpred.router.interfaces import (Admitter, Batcher, Handle, Orderer, Picker, Plugin, Preemptor, Role,
                                        Scorer)

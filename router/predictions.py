@@ -15,7 +15,7 @@ from typing import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from lenpred.keys import PredictionRecord, events_channel, pred_key
+from lenpred.contract.keys import PredictionRecord, events_channel, pred_key
 from lenpred.router.config import FallbackSettings, PredictionSettings
 from lenpred.router.interfaces import Estimate
 

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from lenpred import keys, wire
+from lenpred.contract import keys, wire
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.sidecar.batcher import MicroBatcher
 from lenpred.sidecar.registry import SHIPPED_HEADS, HeadLookupError, HeadPair, HeadRegistry

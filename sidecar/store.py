@@ -1,4 +1,4 @@
-"""Writes predictions and finished events to Redis (schema: lenpred/keys.py, docs/REDIS.md).
+"""Writes predictions and finished events to Redis (schema: lenpred/contract/keys.py, docs/REDIS.md).
 
 Redis is soft state: when it is down the sidecar keeps predicting, counts the failed writes and
 retries on the next batch; no engine or router waits on it."""
@@ -10,7 +10,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from lenpred import keys
+from lenpred.contract import keys
 
 log = logging.getLogger("lenpred.sidecar")
 

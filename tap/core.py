@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lenpred import wire
+from lenpred.contract import wire
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.tap.config import TapConfig
 from lenpred.tap.pooling import PoolState, RunningPools, summarize, summarize_segments

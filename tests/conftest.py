@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from lenpred.redisproc import RedisServer  # noqa: E402
+from lenpred.harness.redisproc import RedisServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

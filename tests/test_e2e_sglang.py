@@ -20,11 +20,11 @@ import torch
 
 pytest.importorskip("sglang")
 
-from lenpred import keys  # noqa: E402
+from lenpred.contract import keys  # noqa: E402
 from lenpred.model import MODEL_ID, hf_checkpoint  # noqa: E402
-from lenpred.redisproc import free_port  # noqa: E402
+from lenpred.harness.redisproc import free_port  # noqa: E402
 from lenpred.tap.pooling import pool_direct, token_entropy  # noqa: E402
-from lenpred.tap.recorder import RecordingSidecar  # noqa: E402
+from lenpred.harness.recorder import RecordingSidecar  # noqa: E402
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 torch.set_num_threads(1)
@@ -35,7 +35,7 @@ EVERY = 4
 @pytest.fixture(scope="module")
 def stack(redis_server, tmp_path_factory):
     from lenpred.bench._thread import write_random_heads
-    from lenpred.engine import start_engine
+    from lenpred.harness.engine import start_engine
 
     tmp = tmp_path_factory.mktemp("e2e")
     heads = write_random_heads(tmp / "heads", 576, MODEL_ID)
@@ -204,7 +204,7 @@ def test_whole_spine_through_the_router(stack, tmp_path):
     length is recorded once it finishes."""
     import httpx
 
-    from lenpred.procs import lenpred_argv, spawn, wait_http
+    from lenpred.harness.procs import lenpred_argv, spawn, wait_http
 
     port = free_port()
     router = spawn("router", lenpred_argv("router", "serve", "--host", "127.0.0.1", "--port", str(port),

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from lenpred.bench.emulator import start_in_thread
+from lenpred.harness.emulator import start_in_thread
 
 # sglang/srt/managers/load_snapshot.py (0.5.23): LoadSnapshot's flat "core" fields.
 SGLANG_CORE_KEYS = {
@@ -158,7 +158,7 @@ async def test_prefix_cache_evicts_under_kv_pressure_and_off_switch(emulator):
 
 
 def test_bad_prefix_page_size_is_refused_clearly(capsys):
-    from lenpred.bench.emulator import EmulatorConfig, main
+    from lenpred.harness.emulator import EmulatorConfig, main
 
     with pytest.raises(ValueError, match="prefix_page_tokens must be >= 1"):
         EmulatorConfig(prefix_page_tokens=0)

@@ -10,9 +10,9 @@ import httpx
 import pytest
 import redis
 
-from lenpred.bench.emulator import serve_in_thread, start_in_thread
-from lenpred.keys import PredictionRecord, events_channel, pred_key
-from lenpred.redisproc import free_port
+from lenpred.harness.emulator import serve_in_thread, start_in_thread
+from lenpred.contract.keys import PredictionRecord, events_channel, pred_key
+from lenpred.harness.redisproc import free_port
 from lenpred.router.app import make_app
 from lenpred.router.config import RouterConfig
 

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from lenpred.bench.emulator import serve_in_thread, start_in_thread
+from lenpred.harness.emulator import serve_in_thread, start_in_thread
 from lenpred.router.app import make_app
 from lenpred.router.config import RouterConfig
 from lenpred.router.continuation import continuation, merge, part_of

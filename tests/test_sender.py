@@ -7,9 +7,9 @@ import time
 import redis
 import torch
 
-from lenpred import keys, wire
+from lenpred.contract import keys, wire
 from lenpred.proto.v1 import lenpred_pb2 as pb
-from lenpred.redisproc import free_port
+from lenpred.harness.redisproc import free_port
 from lenpred.sidecar.server import SidecarConfig
 from lenpred.tap.config import TapConfig
 from lenpred.tap.core import Tap

@@ -28,11 +28,11 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E4
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 
 from lenpred.model import MODEL_ID, hf_checkpoint  # noqa: E402
-from lenpred.redisproc import free_port  # noqa: E402
+from lenpred.harness.redisproc import free_port  # noqa: E402
 from lenpred.tap import sglang_plugin as plug  # noqa: E402
 from lenpred.tap.config import TapConfig  # noqa: E402
 from lenpred.tap.pooling import pool_direct, token_entropy  # noqa: E402
-from lenpred.tap.recorder import RecordingSidecar  # noqa: E402
+from lenpred.harness.recorder import RecordingSidecar  # noqa: E402
 from lenpred.tap.sender import TapSender  # noqa: E402
 
 pytestmark = pytest.mark.sglang

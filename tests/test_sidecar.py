@@ -14,7 +14,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from lenpred import keys, wire
+from lenpred.contract import keys, wire
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 from lenpred.sidecar.server import SidecarConfig
@@ -207,7 +207,7 @@ def test_ingest_garbage_bytes_on_stream(sidecar, stub):
 
 
 def test_redis_down_keeps_predicting(heads_dir):
-    from lenpred.redisproc import free_port
+    from lenpred.harness.redisproc import free_port
 
     s = SidecarThread(SidecarConfig(port=0, redis_url=f"redis://127.0.0.1:{free_port()}/0", heads=[str(heads_dir)],
                                     device="cpu"))

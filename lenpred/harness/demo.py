@@ -21,9 +21,9 @@ import time
 
 import httpx
 
-from lenpred import keys
-from lenpred.procs import lenpred_argv, spawn, wait_grpc, wait_http
-from lenpred.redisproc import RedisServer, free_port
+from lenpred.contract import keys
+from lenpred.harness.procs import lenpred_argv, spawn, wait_grpc, wait_http
+from lenpred.harness.redisproc import RedisServer, free_port
 
 
 def load_prompts(path: str | None, limit: int) -> list[dict]:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = load_prompts(a.prompts, a.limit)
     log_dir = pathlib.Path(a.log_dir or tempfile.mkdtemp(prefix="lenpred-demo-"))
-    from lenpred.engine import start_engine
+    from lenpred.harness.engine import start_engine
 
     with contextlib.ExitStack() as stack:
         t0 = time.monotonic()

@@ -1,4 +1,4 @@
-"""DEV/TEST ONLY — put on PYTHONPATH by `lenpred.engine` to run real SGLang on a CPU-only machine.
+"""DEV/TEST ONLY — put on PYTHONPATH by `lenpred.harness.engine` to run real SGLang on a CPU-only machine.
 
 The PyPI `sglang-kernel` wheel is CUDA-only: `import sgl_kernel` runs `sgl_kernel.load_utils`, which
 dlopens the CUDA build of its op library (needs libcuda.so.1) and fails on a GPU-less box. This

@@ -37,7 +37,7 @@ log-normal noise `--prediction-sigma` (0 = oracle) drawn from a seed and `custom
 `sqrt(tau / (tau + t))` after t answer tokens (`--plp-decay-tokens` tau), as the remaining-length
 predictor sharpens while decoding (seed A: MAE 95.2 -> 80.9 after 32 tokens).
 
-    python -m lenpred.bench.emulator --port 30001 --max-total-num-tokens 16384
+    python -m lenpred.harness.emulator --port 30001 --max-total-num-tokens 16384
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lenpred.keys import PredictionRecord, events_channel, pred_key
-from lenpred.redisproc import free_port
+from lenpred.contract.keys import PredictionRecord, events_channel, pred_key
+from lenpred.harness.redisproc import free_port
 
 VERSION = "0.5.23"
 

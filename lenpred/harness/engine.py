@@ -3,12 +3,12 @@ lenpred tap loaded through its entry-point plugin.
 
 This is NOT the production path. In production users run SGLang on GPUs themselves, unmodified,
 with `pip install lenpred[sglang]` and a few flags (docs/TAP.md). Here, to make real SGLang serve on
-a CPU-only machine, the launcher adds one dev-only shim: `lenpred/_cpu_stub/sitecustomize.py` on
+a CPU-only machine, the launcher adds one dev-only shim: `lenpred/harness/_cpu_stub/sitecustomize.py` on
 PYTHONPATH (with LENPRED_CPU_STUB=1), which stubs `sgl_kernel.load_utils` — the module that dlopens
 sgl-kernel's CUDA library — so that `import sgl_kernel` succeeds without libcuda; SGLang then runs
 its own plain-torch CPU paths (SGLANG_USE_CPU_ENGINE=1). See ../shared/notes/sglang-on-cpu.md.
 
-    from lenpred.engine import start_engine
+    from lenpred.harness.engine import start_engine
     eng = start_engine(30000, "127.0.0.1:50061", log_path="/tmp/sglang.log")
     ... eng.url ...
     eng.stop()

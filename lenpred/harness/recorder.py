@@ -11,7 +11,7 @@ from concurrent import futures
 
 import grpc
 
-from lenpred import wire
+from lenpred.contract import wire
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 
