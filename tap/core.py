@@ -117,6 +117,7 @@ class Tap:
     def _reset_step(self) -> None:
         self._pre_rids: list[str] = []
         self._pre_tokens: list[int] = []
+        self._pre_cap: list[int] = []
         self._pre_vecs: list[torch.Tensor] = []
         self._pre_last: list[torch.Tensor] = []
         self._pre_ent: list[float] = []
@@ -141,11 +142,13 @@ class Tap:
     def on_extend_pieces(self, rids: list[str], pieces: list[PoolState], extend_lens: list[int],
                          prompt_lens: list[int], prefix_lens: list[int] | None = None,
                          token_ids: list[list[int]] | None = None,
-                         rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[PoolState]:
+                         rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         max_new_tokens: list[int] | None = None) -> list[PoolState]:
         """Same as `on_extend`, with the per-request piece summaries already computed (the engine
         adapter computes them on the engine's device and copies only the summaries to the host).
         rows = (hidden, entropy) of this step's rows, flattened as in `on_extend`; needed only to
-        feed the PrefixStore (may live on the host)."""
+        feed the PrefixStore (may live on the host). max_new_tokens = each request's output cap
+        (0 = unknown), shipped with the prefill row."""
         prefix_lens = prefix_lens or [0] * len(rids)
         done: list[PoolState] = []
         off = 0
@@ -164,6 +167,7 @@ class Tap:
                 done.append(st)
                 self._pre_rids.append(rid)
                 self._pre_tokens.append(int(prompt_lens[i]))
+                self._pre_cap.append(int(max_new_tokens[i]) if max_new_tokens else 0)
                 self._pre_vecs.append(st.pooled())
                 self._pre_last.append(st.last)
                 self._pre_ent.append(st.entropy_sum / max(st.n, 1))
@@ -203,11 +207,12 @@ class Tap:
         self.stats.decode_rows += len(keep)
 
     def on_finished(self, rid: str, output_tokens: int, prompt_tokens: int = 0, truncated: bool = False,
-                    aborted: bool = False) -> None:
+                    aborted: bool = False, max_new_tokens: int = 0) -> None:
         self.pools.pop(rid)
         self._rows.pop(rid, None)
         self._finished.append(pb.Finished(rid=rid, output_tokens=output_tokens, prompt_tokens=prompt_tokens,
-                                          truncated=truncated, aborted=aborted))
+                                          truncated=truncated, aborted=aborted,
+                                          max_new_tokens=max_new_tokens))
         self.stats.finished += 1
 
     # ------------------------------------------------------------------ ship
@@ -218,6 +223,8 @@ class Tap:
         if self._pre_rids:
             batch.prefill.rids.extend(self._pre_rids)
             batch.prefill.prompt_tokens.extend(self._pre_tokens)
+            if any(self._pre_cap):
+                batch.prefill.max_new_tokens.extend(self._pre_cap)
             if self.cfg.pool:
                 batch.prefill.entropy_mean.extend(self._pre_ent)
                 batch.prefill.vectors.CopyFrom(wire.encode(torch.stack(self._pre_vecs), self._dtype))

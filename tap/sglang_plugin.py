@@ -139,6 +139,13 @@ def lm_head_of(model) -> torch.Tensor:
     return w[:vocab] if vocab else w
 
 
+def max_new_tokens(req) -> int:
+    """The request's output cap (0 when SGLang has none, e.g. a context-length-only limit)."""
+    sp = getattr(req, "sampling_params", None)
+    cap = getattr(sp, "max_new_tokens", None)
+    return int(cap) if cap else 0
+
+
 def _logit_transform(model):
     lp = getattr(model, "logits_processor", None)
     scale = getattr(lp, "logit_scale", None) if lp is not None else None
@@ -194,7 +201,7 @@ class _Pending:
     """What one forward produced for the tap, waiting for result processing."""
 
     __slots__ = ("event", "ext_rids", "ext_lens", "ext_prefix", "ext_prompt", "ext_tokens",
-                 "stats", "rows", "dec_rids", "dec_steps", "dec_rows")
+                 "ext_cap", "stats", "rows", "dec_rids", "dec_steps", "dec_rows")
 
     def __init__(self):
         self.event = None
@@ -203,6 +210,7 @@ class _Pending:
         self.ext_prefix: list[int] = []
         self.ext_prompt: list[int] = []
         self.ext_tokens: list[list[int]] = []
+        self.ext_cap: list[int] = []
         self.stats = None
         self.rows = None
         self.dec_rids: list[str] = []
@@ -398,6 +406,7 @@ class SGLangTap:
                 p.ext_lens = lens
                 p.ext_prefix = [pre[i] for i, _, _ in sel]
                 p.ext_prompt = [len(reqs[i].origin_input_ids) for i, _, _ in sel]
+                p.ext_cap = [max_new_tokens(reqs[i]) for i, _, _ in sel]
                 p.stats = tuple(_to_host(t) for t in segment_stats(h, ent, lens, self.cfg.tau))
                 if self.cfg.prefix_store_tokens > 0:
                     # origin_input_ids may be an array.array: the PrefixStore compares lists
@@ -437,7 +446,7 @@ class SGLangTap:
 
                 pieces = states_from_stats(p.stats, p.ext_lens)
                 self.tap.on_extend_pieces(p.ext_rids, pieces, p.ext_lens, p.ext_prompt, p.ext_prefix,
-                                          p.ext_tokens or None, rows=p.rows)
+                                          p.ext_tokens or None, rows=p.rows, max_new_tokens=p.ext_cap)
             if p.dec_rids:
                 # overlap scheduling runs one more decode step for a request whose finish is only
                 # seen when the previous step's result is processed: drop rows of finished requests
@@ -459,7 +468,8 @@ class SGLangTap:
                 self.tap.on_finished(r.rid, output_tokens=len(r.output_ids),
                                      prompt_tokens=len(r.origin_input_ids),
                                      truncated=isinstance(reason, FINISH_LENGTH),
-                                     aborted=isinstance(reason, FINISH_ABORT))
+                                     aborted=isinstance(reason, FINISH_ABORT),
+                                     max_new_tokens=max_new_tokens(r))
         self.tap.end_step()
         self.account(batch, 0.0, time.perf_counter() - t0)
         self.maybe_log()

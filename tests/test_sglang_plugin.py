@@ -312,6 +312,10 @@ def test_decode_every_k_and_finished(worker, hf, prompts, recorder, monkeypatch)
     assert fin["da"].output_tokens == 3 and fin["da"].truncated and not fin["da"].aborted
     assert fin["da"].prompt_tokens == len(prompts.a)
     assert fin["db"].aborted and not fin["db"].truncated
+    # each request's output cap travels with its finished row and its prefill row
+    assert (fin["da"].max_new_tokens, fin["db"].max_new_tokens) == (3, 16)
+    caps = {rid: cap for b in recorder.batches for rid, cap in zip(b.prefill.rids, b.prefill.max_new_tokens)}
+    assert caps == {"da": 3, "db": 16}
     assert sum(len(b.finished) for b in recorder.batches) == 2
     st.sender.close()
 

@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elenpred/proto/v1/lenpred.proto\x12\nlenpred.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.lenpred.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x0cHeadSelector\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\"\x98\x01\n\x0cPrefillBlock\x12\x0c\n\x04rids\x18\x01 \x03(\t\x12\x15\n\rprompt_tokens\x18\x02 \x03(\r\x12#\n\x07vectors\x18\x03 \x01(\x0b\x32\x12.lenpred.v1.Tensor\x12\x14\n\x0c\x65ntropy_mean\x18\x04 \x03(\x02\x12(\n\x0clast_vectors\x18\x05 \x01(\x0b\x32\x12.lenpred.v1.Tensor\"O\n\x0b\x44\x65\x63odeBlock\x12\x0c\n\x04rids\x18\x01 \x03(\t\x12\r\n\x05steps\x18\x02 \x03(\r\x12#\n\x07vectors\x18\x03 \x01(\x0b\x32\x12.lenpred.v1.Tensor\"i\n\x08\x46inished\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x62orted\x18\x05 \x01(\x08\"\xd1\x01\n\x0bIngestBatch\x12&\n\x04head\x18\x01 \x01(\x0b\x32\x18.lenpred.v1.HeadSelector\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12)\n\x07prefill\x18\x04 \x01(\x0b\x32\x18.lenpred.v1.PrefillBlock\x12\'\n\x06\x64\x65\x63ode\x18\x05 \x01(\x0b\x32\x17.lenpred.v1.DecodeBlock\x12&\n\x08\x66inished\x18\x06 \x03(\x0b\x32\x14.lenpred.v1.Finished\"[\n\tIngestAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xcc\x01\n\x0ePredictRequest\x12&\n\x04head\x18\x01 \x01(\x0b\x32\x18.lenpred.v1.HeadSelector\x12*\n\x0eprompt_vectors\x18\x02 \x01(\x0b\x32\x12.lenpred.v1.Tensor\x12*\n\x0e\x64\x65\x63ode_vectors\x18\x03 \x01(\x0b\x32\x12.lenpred.v1.Tensor\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x04 \x03(\r\x12\x0c\n\x04rids\x18\x05 \x03(\t\x12\x16\n\x0eprompt_feature\x18\x06 \x01(\t\"\xa3\x01\n\nPrediction\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x0c\n\x04mean\x18\x02 \x01(\x02\x12\x0b\n\x03p50\x18\x03 \x01(\x02\x12\x0b\n\x03p90\x18\x04 \x01(\x02\x12\x15\n\rremaining_p50\x18\x05 \x01(\x02\x12\x15\n\rremaining_p90\x18\x06 \x01(\x02\x12\x0c\n\x04step\x18\x07 \x01(\r\x12\x14\n\x0chead_version\x18\x08 \x01(\t\x12\x0e\n\x06source\x18\t \x01(\t\">\n\x0fPredictResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.lenpred.v1.Prediction\"\x12\n\x10ModelInfoRequest\"\xa1\x01\n\x08HeadInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12%\n\x03key\x18\x02 \x01(\x0b\x32\x18.lenpred.v1.HeadSelector\x12\x11\n\tinput_dim\x18\x03 \x01(\r\x12\x10\n\x08num_bins\x18\x04 \x01(\r\x12\x11\n\tbin_edges\x18\x05 \x03(\x02\x12\x11\n\tdata_hash\x18\x06 \x01(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\"\x8e\x01\n\x11ModelInfoResponse\x12#\n\x05heads\x18\x01 \x03(\x0b\x32\x14.lenpred.v1.HeadInfo\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x13\n\x0bmax_wait_us\x18\x04 \x01(\r\x12\x1c\n\x14max_rows_per_message\x18\x05 \x01(\r*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xdd\x01\n\x0fLengthPredictor\x12<\n\x06Ingest\x12\x17.lenpred.v1.IngestBatch\x1a\x15.lenpred.v1.IngestAck(\x01\x30\x01\x12\x42\n\x07Predict\x12\x1a.lenpred.v1.PredictRequest\x1a\x1b.lenpred.v1.PredictResponse\x12H\n\tModelInfo\x12\x1c.lenpred.v1.ModelInfoRequest\x1a\x1d.lenpred.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elenpred/proto/v1/lenpred.proto\x12\nlenpred.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.lenpred.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x0cHeadSelector\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\"\xb0\x01\n\x0cPrefillBlock\x12\x0c\n\x04rids\x18\x01 \x03(\t\x12\x15\n\rprompt_tokens\x18\x02 \x03(\r\x12#\n\x07vectors\x18\x03 \x01(\x0b\x32\x12.lenpred.v1.Tensor\x12\x14\n\x0c\x65ntropy_mean\x18\x04 \x03(\x02\x12(\n\x0clast_vectors\x18\x05 \x01(\x0b\x32\x12.lenpred.v1.Tensor\x12\x16\n\x0emax_new_tokens\x18\x06 \x03(\r\"O\n\x0b\x44\x65\x63odeBlock\x12\x0c\n\x04rids\x18\x01 \x03(\t\x12\r\n\x05steps\x18\x02 \x03(\r\x12#\n\x07vectors\x18\x03 \x01(\x0b\x32\x12.lenpred.v1.Tensor\"\x81\x01\n\x08\x46inished\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x62orted\x18\x05 \x01(\x08\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\"\xd1\x01\n\x0bIngestBatch\x12&\n\x04head\x18\x01 \x01(\x0b\x32\x18.lenpred.v1.HeadSelector\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12)\n\x07prefill\x18\x04 \x01(\x0b\x32\x18.lenpred.v1.PrefillBlock\x12\'\n\x06\x64\x65\x63ode\x18\x05 \x01(\x0b\x32\x17.lenpred.v1.DecodeBlock\x12&\n\x08\x66inished\x18\x06 \x03(\x0b\x32\x14.lenpred.v1.Finished\"[\n\tIngestAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xcc\x01\n\x0ePredictRequest\x12&\n\x04head\x18\x01 \x01(\x0b\x32\x18.lenpred.v1.HeadSelector\x12*\n\x0eprompt_vectors\x18\x02 \x01(\x0b\x32\x12.lenpred.v1.Tensor\x12*\n\x0e\x64\x65\x63ode_vectors\x18\x03 \x01(\x0b\x32\x12.lenpred.v1.Tensor\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x04 \x03(\r\x12\x0c\n\x04rids\x18\x05 \x03(\t\x12\x16\n\x0eprompt_feature\x18\x06 \x01(\t\"\xa3\x01\n\nPrediction\x12\x0b\n\x03rid\x18\x01 \x01(\t\x12\x0c\n\x04mean\x18\x02 \x01(\x02\x12\x0b\n\x03p50\x18\x03 \x01(\x02\x12\x0b\n\x03p90\x18\x04 \x01(\x02\x12\x15\n\rremaining_p50\x18\x05 \x01(\x02\x12\x15\n\rremaining_p90\x18\x06 \x01(\x02\x12\x0c\n\x04step\x18\x07 \x01(\r\x12\x14\n\x0chead_version\x18\x08 \x01(\t\x12\x0e\n\x06source\x18\t \x01(\t\">\n\x0fPredictResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.lenpred.v1.Prediction\"\x12\n\x10ModelInfoRequest\"\xa1\x01\n\x08HeadInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12%\n\x03key\x18\x02 \x01(\x0b\x32\x18.lenpred.v1.HeadSelector\x12\x11\n\tinput_dim\x18\x03 \x01(\r\x12\x10\n\x08num_bins\x18\x04 \x01(\r\x12\x11\n\tbin_edges\x18\x05 \x03(\x02\x12\x11\n\tdata_hash\x18\x06 \x01(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\"\x8e\x01\n\x11ModelInfoResponse\x12#\n\x05heads\x18\x01 \x03(\x0b\x32\x14.lenpred.v1.HeadInfo\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x13\n\x0bmax_wait_us\x18\x04 \x01(\r\x12\x1c\n\x14max_rows_per_message\x18\x05 \x01(\r*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xdd\x01\n\x0fLengthPredictor\x12<\n\x06Ingest\x12\x17.lenpred.v1.IngestBatch\x1a\x15.lenpred.v1.IngestAck(\x01\x30\x01\x12\x42\n\x07Predict\x12\x1a.lenpred.v1.PredictRequest\x1a\x1b.lenpred.v1.PredictResponse\x12H\n\tModelInfo\x12\x1c.lenpred.v1.ModelInfoRequest\x1a\x1d.lenpred.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lenpred.proto.v1.lenpred_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1620
-  _globals['_DTYPE']._serialized_end=1708
+  _globals['_DTYPE']._serialized_start=1669
+  _globals['_DTYPE']._serialized_end=1757
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=117
   _globals['_HEADSELECTOR']._serialized_start=119
   _globals['_HEADSELECTOR']._serialized_end=204
   _globals['_PREFILLBLOCK']._serialized_start=207
-  _globals['_PREFILLBLOCK']._serialized_end=359
-  _globals['_DECODEBLOCK']._serialized_start=361
-  _globals['_DECODEBLOCK']._serialized_end=440
-  _globals['_FINISHED']._serialized_start=442
-  _globals['_FINISHED']._serialized_end=547
-  _globals['_INGESTBATCH']._serialized_start=550
-  _globals['_INGESTBATCH']._serialized_end=759
-  _globals['_INGESTACK']._serialized_start=761
-  _globals['_INGESTACK']._serialized_end=852
-  _globals['_PREDICTREQUEST']._serialized_start=855
-  _globals['_PREDICTREQUEST']._serialized_end=1059
-  _globals['_PREDICTION']._serialized_start=1062
-  _globals['_PREDICTION']._serialized_end=1225
-  _globals['_PREDICTRESPONSE']._serialized_start=1227
-  _globals['_PREDICTRESPONSE']._serialized_end=1289
-  _globals['_MODELINFOREQUEST']._serialized_start=1291
-  _globals['_MODELINFOREQUEST']._serialized_end=1309
-  _globals['_HEADINFO']._serialized_start=1312
-  _globals['_HEADINFO']._serialized_end=1473
-  _globals['_MODELINFORESPONSE']._serialized_start=1476
-  _globals['_MODELINFORESPONSE']._serialized_end=1618
-  _globals['_LENGTHPREDICTOR']._serialized_start=1711
-  _globals['_LENGTHPREDICTOR']._serialized_end=1932
+  _globals['_PREFILLBLOCK']._serialized_end=383
+  _globals['_DECODEBLOCK']._serialized_start=385
+  _globals['_DECODEBLOCK']._serialized_end=464
+  _globals['_FINISHED']._serialized_start=467
+  _globals['_FINISHED']._serialized_end=596
+  _globals['_INGESTBATCH']._serialized_start=599
+  _globals['_INGESTBATCH']._serialized_end=808
+  _globals['_INGESTACK']._serialized_start=810
+  _globals['_INGESTACK']._serialized_end=901
+  _globals['_PREDICTREQUEST']._serialized_start=904
+  _globals['_PREDICTREQUEST']._serialized_end=1108
+  _globals['_PREDICTION']._serialized_start=1111
+  _globals['_PREDICTION']._serialized_end=1274
+  _globals['_PREDICTRESPONSE']._serialized_start=1276
+  _globals['_PREDICTRESPONSE']._serialized_end=1338
+  _globals['_MODELINFOREQUEST']._serialized_start=1340
+  _globals['_MODELINFOREQUEST']._serialized_end=1358
+  _globals['_HEADINFO']._serialized_start=1361
+  _globals['_HEADINFO']._serialized_end=1522
+  _globals['_MODELINFORESPONSE']._serialized_start=1525
+  _globals['_MODELINFORESPONSE']._serialized_end=1667
+  _globals['_LENGTHPREDICTOR']._serialized_start=1760
+  _globals['_LENGTHPREDICTOR']._serialized_end=1981
 # @@protoc_insertion_point(module_scope)

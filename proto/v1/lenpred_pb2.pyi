@@ -41,18 +41,20 @@ class HeadSelector(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., hidden_size: _Optional[int] = ..., layer: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class PrefillBlock(_message.Message):
-    __slots__ = ("rids", "prompt_tokens", "vectors", "entropy_mean", "last_vectors")
+    __slots__ = ("rids", "prompt_tokens", "vectors", "entropy_mean", "last_vectors", "max_new_tokens")
     RIDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_MEAN_FIELD_NUMBER: _ClassVar[int]
     LAST_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rids: _containers.RepeatedScalarFieldContainer[str]
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     vectors: Tensor
     entropy_mean: _containers.RepeatedScalarFieldContainer[float]
     last_vectors: Tensor
-    def __init__(self, rids: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., vectors: _Optional[_Union[Tensor, _Mapping]] = ..., entropy_mean: _Optional[_Iterable[float]] = ..., last_vectors: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    max_new_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rids: _Optional[_Iterable[str]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., vectors: _Optional[_Union[Tensor, _Mapping]] = ..., entropy_mean: _Optional[_Iterable[float]] = ..., last_vectors: _Optional[_Union[Tensor, _Mapping]] = ..., max_new_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeBlock(_message.Message):
     __slots__ = ("rids", "steps", "vectors")
@@ -65,18 +67,20 @@ class DecodeBlock(_message.Message):
     def __init__(self, rids: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[int]] = ..., vectors: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("rid", "output_tokens", "prompt_tokens", "truncated", "aborted")
+    __slots__ = ("rid", "output_tokens", "prompt_tokens", "truncated", "aborted", "max_new_tokens")
     RID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     ABORTED_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rid: str
     output_tokens: int
     prompt_tokens: int
     truncated: bool
     aborted: bool
-    def __init__(self, rid: _Optional[str] = ..., output_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., aborted: _Optional[bool] = ...) -> None: ...
+    max_new_tokens: int
+    def __init__(self, rid: _Optional[str] = ..., output_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., aborted: _Optional[bool] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class IngestBatch(_message.Message):
     __slots__ = ("head", "engine_id", "seq", "prefill", "decode", "finished")
