@@ -13,11 +13,17 @@ class TapConfig:
     sidecar: str = "127.0.0.1:50061"
     """LENPRED_SIDECAR: host:port of the sidecar's gRPC server."""
     pool: bool = True
-    """LENPRED_TAP_POOL: 0 skips the entropy-weighted pool (and its per-token full-vocabulary
-    entropies, ~21% of an 8B prefill): only the last prompt token's state is shipped at prefill.
-    The shipped SmolLM2 heads (last-token prefill head, PLP over [h_last ; h_t]) need nothing more."""
+    """LENPRED_TAP_POOL: 0 skips the entropy-weighted pool (and its per-token entropies): only the
+    last prompt token's state is shipped at prefill, and SGLang can run with
+    `--return-hidden-states-mode last`. The shipped SmolLM2 heads (last-token prefill head, PLP over
+    [h_last ; h_t]) need nothing more."""
+    entropy_vocab: int = 16384
+    """LENPRED_TAP_ENTROPY_VOCAB: the pool's entropies are computed over the first N token ids of
+    the vocabulary (0 = the whole vocabulary, exact): ~8x cheaper on a 128k vocabulary, pooled
+    vector at cosine >= 0.997 to the exact one (docs/TAP.md)."""
     every: int = 8
-    """LENPRED_TAP_EVERY: ship a decode hidden state every k decoded tokens (k=1 allowed)."""
+    """LENPRED_TAP_EVERY: ship the decode hidden states of every running request on every k-th
+    decode step of the engine (k=1 allowed), so each request is sampled every k tokens."""
     layer: int = -1
     """LENPRED_TAP_LAYER: which layer's states are pooled; -1 = last layer after the final norm."""
     tau: float = 1.0
@@ -29,8 +35,12 @@ class TapConfig:
     dtype: str = "float16"
     """LENPRED_TAP_DTYPE: wire dtype of vectors: float32, float16 or bfloat16."""
     prefix_store_tokens: int = 65536
-    """LENPRED_TAP_PREFIX_TOKENS: prompt tokens whose rows are kept (host RAM, LRU) to restore
-    radix-cache hits exactly; 0 turns restore off (cached prefixes are then left out of the pool)."""
+    """LENPRED_TAP_PREFIX_TOKENS: prompt tokens whose block summaries are kept (host RAM, LRU) to
+    restore radix-cache hits; 0 turns restore off (cached prefixes are then left out of the pool).
+    Used only with the pool on and SGLang's radix cache enabled."""
+    prefix_block: int = 32
+    """LENPRED_TAP_PREFIX_BLOCK: tokens per stored block; a cache hit restores whole blocks, so at
+    most block-1 tokens of a cached prefix are left out of the pool."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "TapConfig":
@@ -39,7 +49,8 @@ class TapConfig:
         names = {"enabled": "LENPRED_TAP_ENABLED", "pool": "LENPRED_TAP_POOL", "sidecar": "LENPRED_SIDECAR", "every": "LENPRED_TAP_EVERY",
                  "layer": "LENPRED_TAP_LAYER", "tau": "LENPRED_TAP_TAU", "model_id": "LENPRED_MODEL_ID",
                  "queue": "LENPRED_TAP_QUEUE", "dtype": "LENPRED_TAP_DTYPE",
-                 "prefix_store_tokens": "LENPRED_TAP_PREFIX_TOKENS"}
+                 "prefix_store_tokens": "LENPRED_TAP_PREFIX_TOKENS",
+                 "entropy_vocab": "LENPRED_TAP_ENTROPY_VOCAB", "prefix_block": "LENPRED_TAP_PREFIX_BLOCK"}
         for f in fields(cls):
             raw = env.get(names[f.name])
             if raw is None or raw == "":
@@ -53,6 +64,10 @@ class TapConfig:
             else:
                 kw[f.name] = raw
         cfg = cls(**kw)
+        if cfg.prefix_block < 1:
+            raise ValueError(f"LENPRED_TAP_PREFIX_BLOCK must be >= 1, got {cfg.prefix_block}")
+        if cfg.entropy_vocab < 0:
+            raise ValueError(f"LENPRED_TAP_ENTROPY_VOCAB must be >= 0, got {cfg.entropy_vocab}")
         if cfg.every < 1:
             raise ValueError(f"LENPRED_TAP_EVERY must be >= 1, got {cfg.every}")
         if cfg.dtype not in ("float32", "float16", "bfloat16"):

@@ -15,6 +15,7 @@ collector, so training and serving features cannot drift.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,20 @@ class PoolState:
                          self.sum_h.to(device), self.last.to(device), self.n, self.entropy_sum)
 
 
+def merge_states(states: list[PoolState]) -> PoolState:
+    """Merge pieces given in prompt order, vectorised (restoring a long cached prefix merges many
+    blocks at once)."""
+    if len(states) == 1:
+        return states[0]
+    m = torch.stack([s.m for s in states])
+    top = m.max()
+    w = torch.exp(m - top)
+    return PoolState(m=top, z=(torch.stack([s.z for s in states]) * w).sum(0),
+                     acc=w @ torch.stack([s.acc for s in states]),
+                     sum_h=torch.stack([s.sum_h for s in states]).sum(0), last=states[-1].last,
+                     n=sum(s.n for s in states), entropy_sum=sum(s.entropy_sum for s in states))
+
+
 def summarize(hidden: torch.Tensor, entropy: torch.Tensor, tau: float = 1.0) -> PoolState:
     """Summary of one contiguous piece: hidden [n, d], entropy [n]."""
     h = hidden.float()
@@ -78,36 +93,60 @@ def summarize(hidden: torch.Tensor, entropy: torch.Tensor, tau: float = 1.0) -> 
                      n=int(h.shape[0]), entropy_sum=float(entropy.float().sum()))
 
 
+def host_index(values) -> torch.Tensor:
+    """Default `stage` for segment_stats: an int64 tensor on the host."""
+    return torch.as_tensor(values, dtype=torch.int64)
+
+
 def segment_stats(hidden: torch.Tensor, entropy: torch.Tensor, lengths: list[int],
-                  tau: float = 1.0) -> tuple[torch.Tensor, ...]:
-    """Stacked per-segment summaries (m [k], z [k], acc [k,d], sum_h [k,d], last [k,d], ent_sum [k])
-    of consecutive segments of a flattened batch, in a handful of vectorised ops on the tensors'
-    device and without any device->host synchronisation (the engine adapter copies the results to
-    the host asynchronously)."""
+                  tau: float = 1.0, stage=None) -> torch.Tensor:
+    """Summaries of consecutive segments of a flattened batch, packed as one fp32 tensor
+    [k, 3 + 3d] = (m, z, entropy sum, acc[d], sum_h[d], last[d]) per segment (`unpack_stats`), in a
+    handful of vectorised ops on the tensors' device. `stage(list[int]) -> int64 tensor on the
+    device` moves the small index vectors there; on CUDA the engine adapter passes a pinned,
+    non-blocking copy so that nothing here synchronises with the device (a plain
+    `torch.tensor(..., device="cuda")` would wait for the forward pass to finish). One packed
+    tensor means one device->host copy."""
     dev = hidden.device
+    stage = stage or host_index
     h = hidden.float()
     s = entropy.float() / tau
-    lens = torch.tensor(lengths, device=dev)
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lens,
-                                  output_size=int(sum(lengths)))
     k = len(lengths)
+    n = int(sum(lengths))
+    seg = torch.repeat_interleave(torch.arange(k, device=dev), stage(lengths).to(dev), output_size=n)
     m = torch.full((k,), float("-inf"), device=dev).scatter_reduce(0, seg, s, "amax", include_self=True)
     w = torch.exp(s - m[seg])
-    z = torch.zeros(k, device=dev).index_add_(0, seg, w)
-    acc = torch.zeros(k, h.shape[1], device=dev).index_add_(0, seg, h * w[:, None])
-    sum_h = torch.zeros(k, h.shape[1], device=dev).index_add_(0, seg, h)
-    ends = torch.cumsum(lens, 0) - 1
-    last = h[ends]
-    ent = torch.zeros(k, device=dev).index_add_(0, seg, entropy.float())
-    return m, z, acc, sum_h, last, ent
+    out = torch.empty(k, 3 + 3 * h.shape[1], dtype=torch.float32, device=dev)
+    d = h.shape[1]
+    out[:, 0] = m
+    out[:, 1] = torch.zeros(k, device=dev).index_add_(0, seg, w)
+    out[:, 2] = torch.zeros(k, device=dev).index_add_(0, seg, entropy.float())
+    out[:, 3:3 + d] = torch.zeros(k, d, device=dev).index_add_(0, seg, h * w[:, None])
+    out[:, 3 + d:3 + 2 * d] = torch.zeros(k, d, device=dev).index_add_(0, seg, h)
+    ends = list(itertools.accumulate(lengths))
+    out[:, 3 + 2 * d:] = h.index_select(0, stage([e - 1 for e in ends]).to(dev))
+    return out
 
 
-def states_from_stats(stats: tuple[torch.Tensor, ...], lengths: list[int]) -> list[PoolState]:
+def unpack_stats(packed: torch.Tensor, lengths: list[int]) -> list["PoolState"]:
     """PoolStates from `segment_stats` output (typically after it was copied to the host)."""
-    m, z, acc, sum_h, last, ent = stats
-    ent_l = ent.tolist()
-    return [PoolState(m[i], z[i], acc[i], sum_h[i], last[i], int(lengths[i]), ent_l[i])
+    d = (packed.shape[1] - 3) // 3
+    ent = packed[:, 2].tolist()
+    return [PoolState(packed[i, 0], packed[i, 1], packed[i, 3:3 + d], packed[i, 3 + d:3 + 2 * d],
+                      packed[i, 3 + 2 * d:], int(lengths[i]), ent[i])
             for i in range(len(lengths))]
+
+
+def block_pieces(prefix: int, n: int, block: int) -> list[tuple[int, int]]:
+    """(block index, rows) of the pieces that prompt positions [prefix, prefix + n) cut into when
+    blocks are [j*block, (j+1)*block): the first and last piece may be partial."""
+    out, pos, end = [], prefix, prefix + n
+    while pos < end:
+        j = pos // block
+        stop = min(end, (j + 1) * block)
+        out.append((j, stop - pos))
+        pos = stop
+    return out
 
 
 def summarize_segments(hidden: torch.Tensor, entropy: torch.Tensor, lengths: list[int],
@@ -116,7 +155,7 @@ def summarize_segments(hidden: torch.Tensor, entropy: torch.Tensor, lengths: lis
     vectorised ops on the tensors' device — no per-token Python loop on the engine's hot path."""
     if not lengths:
         return []
-    return states_from_stats(segment_stats(hidden, entropy, lengths, tau), lengths)
+    return unpack_stats(segment_stats(hidden, entropy, lengths, tau).cpu(), lengths)
 
 
 @dataclass
@@ -144,13 +183,3 @@ def pool_direct(hidden: torch.Tensor, entropy: torch.Tensor, tau: float = 1.0) -
     """Reference: softmax(H/tau)-weighted sum computed in one pass (used by tests/eval)."""
     w = torch.softmax(entropy.double() / tau, dim=0)
     return (w[:, None] * hidden.double()).sum(0).float()
-
-
-@dataclass
-class DecodeSampler:
-    """Decides which decode steps are shipped (every k-th decoded token per request)."""
-
-    every: int = 8
-
-    def want(self, step: int) -> bool:
-        return step > 0 and step % self.every == 0

@@ -31,6 +31,7 @@ from lenpred.model import MODEL_ID, hf_checkpoint  # noqa: E402
 from lenpred.harness.redisproc import free_port  # noqa: E402
 from lenpred.tap import sglang_plugin as plug  # noqa: E402
 from lenpred.tap.config import TapConfig  # noqa: E402
+from lenpred.tap.entropy import prompt_entropy  # noqa: E402
 from lenpred.tap.pooling import pool_direct, token_entropy  # noqa: E402
 from lenpred.harness.recorder import RecordingSidecar  # noqa: E402
 from lenpred.tap.sender import TapSender  # noqa: E402
@@ -41,14 +42,10 @@ torch.set_num_threads(1)
 
 def close(a, b, tol=1e-4):
     """Vectors travel as float32 in these tests (LENPRED_TAP_DTYPE=float32): the maths must agree to
-    fp32 rounding. Restored radix-cache prefixes come from the PrefixStore's fp16 rows: tol=2e-3
-    relative there."""
+    fp32 rounding."""
     ok = torch.allclose(a, b, rtol=tol, atol=tol)
     assert ok, f"max abs diff {(a - b).abs().max():.3g}"
     return ok
-
-
-FP16 = 2e-3
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -97,6 +94,8 @@ def recorder():
 
 
 def make_tap(worker, target: str, **env) -> plug.SGLangTap:
+    # exact entropies (no vocabulary slice) unless a test asks: the tests compare with transformers
+    env = {"LENPRED_TAP_ENTROPY_VOCAB": "0", **env}
     cfg = TapConfig.from_env({"LENPRED_SIDECAR": target, "LENPRED_TAP_DTYPE": "float32", **env})
     sender = TapSender(target, engine_id="test", backoff_initial_s=0.05, max_queue=cfg.queue)
     return plug.SGLangTap(worker, cfg, sender=sender)
@@ -106,14 +105,14 @@ def req(rid: str, ids: list[int], max_new: int = 16) -> Req:
     return Req(rid, "", list(ids), SamplingParams(max_new_tokens=max_new))
 
 
-def extend_step(st, hf, parts):
+def extend_step(st, hf, parts, last_mode=False):
     """One real EXTEND batch: parts = [(Req, prefix_len, extend_len, full token ids)]. The hidden
     rows are the real model's rows for the computed positions (what SGLang's LogitsProcessor stores
-    with --return-hidden-states-mode full)."""
+    with --return-hidden-states-mode full), or each request's last computed row (`last` mode)."""
     rows = []
     for r, pre, n, ids in parts:
         h, _, _ = reference(hf, ids[: pre + n])
-        rows.append(h[pre:pre + n])
+        rows.append(h[pre + n - 1:pre + n] if last_mode else h[pre:pre + n])
     hidden = torch.cat(rows)
     batch = ScheduleBatch(reqs=[p[0] for p in parts], forward_mode=ForwardMode.EXTEND,
                           extend_lens=[p[2] for p in parts], prefix_lens=[p[1] for p in parts])
@@ -191,33 +190,41 @@ def test_model_id_from_converted_checkpoint(tap):
 
 def test_entropy_from_lm_head_matches_full_logits(hf, prompts):
     h, ent, _ = reference(hf, prompts.a)
-    w = plug.lm_head_of(hf.model)
-    plug_ent = plug.prompt_entropy(h, w)
-    assert torch.allclose(plug_ent, ent, atol=1e-4), (plug_ent - ent).abs().max()
-    # chunking (tiny logits budget) changes nothing
-    old = plug._LOGITS_BUDGET_BYTES
-    try:
-        plug._LOGITS_BUDGET_BYTES = 4 * w.shape[0] * 7
-        assert torch.allclose(plug.prompt_entropy(h, w), ent, atol=1e-4)
-    finally:
-        plug._LOGITS_BUDGET_BYTES = old
+    w, offset, rows = plug.lm_head_of(hf.model)
+    assert offset == 0 and rows == w.shape[0] == 49152
+    assert torch.allclose(prompt_entropy(h, w), ent, atol=1e-4)
+    # chunking (a tiny logits budget: 7 rows per chunk) changes nothing
+    assert torch.allclose(prompt_entropy(h, w, budget_bytes=4 * w.shape[0] * 7), ent, atol=1e-4)
 
 
-def test_vocab_sharded_entropy_combines_exactly(hf, prompts):
+def test_vocabulary_slice_entropy_is_the_renormalised_slice(hf, prompts):
+    """LENPRED_TAP_ENTROPY_VOCAB=N: the entropy of the distribution renormalised over ids < N."""
+    h, _, _ = reference(hf, prompts.a)
+    w, _, _ = plug.lm_head_of(hf.model)
+    with torch.no_grad():
+        direct = token_entropy(hf.model(torch.tensor([prompts.a])).logits[0, :, :4096])
+    close(prompt_entropy(h, w, vocab=4096), direct)
+
+
+@pytest.mark.parametrize("vocab", [0, 20000])
+def test_vocab_sharded_entropy_combines_exactly(hf, prompts, vocab):
     """TP > 1: each rank holds a vocabulary shard of lm_head and all-gathers 3 numbers per row.
-    Two shards, the second shard's stats standing in for the collective's other rank."""
-    h, ent, _ = reference(hf, prompts.a)
-    w = plug.lm_head_of(hf.model)
-    wa, wb = w[: w.shape[0] // 3], w[w.shape[0] // 3:]
+    Two shards, the second shard's stats standing in for the collective's other rank; with a
+    vocabulary slice that ends inside the first shard, the second contributes nothing."""
+    h, _, _ = reference(hf, prompts.a)
+    w, _, _ = plug.lm_head_of(hf.model)
+    cut = w.shape[0] // 2
+    wa, wb = w[:cut], w[cut:]
     box = {}
 
     def keep(x):
         box["x"] = x
         return x
 
-    plug.prompt_entropy(h, wb, gather=keep)  # rank 1's local stats (one chunk here)
-    ent_tp = plug.prompt_entropy(h, wa, gather=lambda x: torch.cat([x, box["x"]]))
-    close(ent_tp, ent)
+    kw = dict(vocab=vocab, chunk_width=cut)
+    prompt_entropy(h, wb, vocab_offset=cut, gather=keep, **kw)  # rank 1's local stats (one chunk)
+    ent_tp = prompt_entropy(h, wa, gather=lambda x: torch.cat([x, box["x"]]), **kw)
+    close(ent_tp, prompt_entropy(h, w, vocab=vocab))
 
 
 def test_one_shot_prefill_equals_direct(tap, hf, prompts, recorder):
@@ -242,19 +249,39 @@ def test_chunked_prefill_equals_direct(tap, hf, prompts, recorder):
     close(vec, ref)
 
 
-def test_prefix_cache_hits_are_restored_exactly(tap, hf, prompts, recorder):
-    _, _, ref_a = reference(hf, prompts.a)
-    _, _, ref_c = reference(hf, prompts.c)
+def test_prefix_cache_hits_are_restored_from_whole_blocks(worker, hf, prompts, recorder, monkeypatch):
+    """A radix-cache hit restores the cached prefix's whole blocks from the PrefixStore; the rest of
+    the prefix (< one block) is left out of the pool and counted, never counted twice."""
+    st = make_tap(worker, recorder.target, LENPRED_TAP_PREFIX_BLOCK="8")
+    st._worker = worker
+    monkeypatch.setattr(plug, "_STATE", st)
+    h_a, e_a, ref_a = reference(hf, prompts.a)
+    h_c, e_c, _ = reference(hf, prompts.c)
     L = len(prompts.a)
-    extend_step(tap, hf, [(req("first", prompts.a), 0, L, prompts.a)])
+    # first prompt in two chunks (a block straddles the cut at 13: pieces of one block are merged)
+    ra = req("first", prompts.a)
+    extend_step(st, hf, [(ra, 0, 13, prompts.a)])
+    extend_step(st, hf, [(ra, 13, L - 13, prompts.a)])
+    close(sent_vec(recorder, "first")[0], ref_a)
     # the same prompt again: the radix cache serves all but the last token
-    extend_step(tap, hf, [(req("again", prompts.a), L - 1, 1, prompts.a)])
-    # a prompt sharing only the first 30 tokens
-    extend_step(tap, hf, [(req("shared", prompts.c), 30, len(prompts.c) - 30, prompts.c)])
-    close(sent_vec(recorder, "again")[0], ref_a, FP16)
-    close(sent_vec(recorder, "shared")[0], ref_c, FP16)
-    assert tap.tap.stats.restored_prefix_tokens == (L - 1) + 30
-    assert tap.tap.stats.unpooled_tokens == 0
+    extend_step(st, hf, [(req("again", prompts.a), L - 1, 1, prompts.a)])
+    # a prompt sharing only the first 30 tokens: blocks 0..2 (24 tokens) restored, 6 left out
+    extend_step(st, hf, [(req("shared", prompts.c), 30, len(prompts.c) - 30, prompts.c)])
+    whole = (L - 1) // 8 * 8
+    keep_a = torch.cat([torch.arange(whole), torch.arange(L - 1, L)])
+    close(sent_vec(recorder, "again")[0], pool_direct(h_a[keep_a], e_a[keep_a]))
+    keep_c = torch.cat([torch.arange(24), torch.arange(30, len(prompts.c))])
+    close(sent_vec(recorder, "shared")[0], pool_direct(h_c[keep_c], e_c[keep_c]))
+    assert st.tap.stats.restored_prefix_tokens == whole + 24
+    assert st.tap.stats.unpooled_tokens == (L - 1 - whole) + 6
+    st.sender.close()
+
+
+def test_prefix_store_is_off_without_a_radix_cache(worker, recorder):
+    worker.server_args.disable_radix_cache = True
+    st = make_tap(worker, recorder.target)
+    assert not st.tap.prefix.enabled
+    st.sender.close()
 
 
 def test_prefix_not_in_store_is_left_out_not_double_counted(worker, hf, prompts, recorder, monkeypatch):
@@ -282,6 +309,8 @@ def test_batched_extend_mixed_lengths_and_chunks(tap, hf, prompts, recorder):
 
 
 def test_decode_every_k_and_finished(worker, hf, prompts, recorder, monkeypatch):
+    """Every k-th decode step of the engine ships every running request's row (one copy), with
+    each request's own decoded-token count."""
     st = make_tap(worker, recorder.target, LENPRED_TAP_EVERY="2")
     st._worker = worker
     monkeypatch.setattr(plug, "_STATE", st)
@@ -401,5 +430,40 @@ def test_pool_off_ships_last_token_state_and_skips_entropy(worker, hf, prompts, 
         assert recorder.wait_for(lambda rec: "nopool" in rec.prefill_last())
         close(recorder.prefill_last()["nopool"], h[-1])
         assert "nopool" not in recorder.prefill()  # no pooled vector was sent
+    finally:
+        st.sender.close()
+
+
+def test_pool_off_with_last_mode_hidden_states(worker, hf, prompts, recorder, monkeypatch):
+    """`--return-hidden-states-mode last` (one row per request) is enough with the pool off:
+    chunked prefill ships the final chunk's row, a batch of several requests ships each one's."""
+    st = make_tap(worker, recorder.target, LENPRED_TAP_POOL="0")
+    st._worker = worker
+    monkeypatch.setattr(plug, "_STATE", st)
+    try:
+        ha, _, _ = reference(hf, prompts.a)
+        hb, _, _ = reference(hf, prompts.b)
+        n = len(prompts.a)
+        ra, rb = req("la", prompts.a), req("lb", prompts.b)
+        extend_step(st, hf, [(ra, 0, n // 2, prompts.a), (rb, 0, len(prompts.b), prompts.b)], last_mode=True)
+        extend_step(st, hf, [(ra, n // 2, n - n // 2, prompts.a)], last_mode=True)
+        assert recorder.wait_for(lambda rec: {"la", "lb"} <= set(rec.prefill_last()))
+        close(recorder.prefill_last()["la"], ha[-1])
+        close(recorder.prefill_last()["lb"], hb[-1])
+        assert st.errors == 0 and "rows" not in st._warned
+    finally:
+        st.sender.close()
+
+
+def test_pool_on_with_last_mode_warns_and_ships_last_token(worker, hf, prompts, recorder, monkeypatch):
+    st = make_tap(worker, recorder.target)
+    st._worker = worker
+    monkeypatch.setattr(plug, "_STATE", st)
+    try:
+        hb, _, _ = reference(hf, prompts.b)
+        extend_step(st, hf, [(req("pl", prompts.b), 0, len(prompts.b), prompts.b)], last_mode=True)
+        assert recorder.wait_for(lambda rec: "pl" in rec.prefill_last())
+        close(recorder.prefill_last()["pl"], hb[-1])
+        assert "pool-last" in st._warned and "pl" not in recorder.prefill()
     finally:
         st.sender.close()

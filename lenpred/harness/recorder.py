@@ -41,8 +41,10 @@ class RecordingSidecar:
     """Records every IngestBatch. With `forward_to="host:port"` it is a recording proxy: each stream
     is relayed to that (real) sidecar over gRPC and its acks come back to the tap."""
 
-    def __init__(self, port: int = 0, forward_to: str | None = None):
+    def __init__(self, port: int = 0, forward_to: str | None = None, keep: bool = True):
         self.batches: list[pb.IngestBatch] = []
+        self.keep = keep  # False: count rows per engine only (long benchmarks)
+        self.counts: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
         self._channel = grpc.insecure_channel(forward_to) if forward_to else None
         self.upstream = pb_grpc.LengthPredictorStub(self._channel) if self._channel else None
@@ -57,7 +59,15 @@ class RecordingSidecar:
 
     def _record(self, batch: pb.IngestBatch) -> None:
         with self._lock:
-            self.batches.append(batch)
+            c = self.counts.setdefault(batch.engine_id, {"messages": 0, "prefill": 0, "decode": 0,
+                                                         "finished": 0, "bytes": 0})
+            c["messages"] += 1
+            c["prefill"] += len(batch.prefill.rids)
+            c["decode"] += len(batch.decode.rids)
+            c["finished"] += len(batch.finished)
+            c["bytes"] += batch.ByteSize()
+            if self.keep:
+                self.batches.append(batch)
 
     def stop(self) -> None:
         self.server.stop(0)
