@@ -6,7 +6,8 @@
 #   - every lenpred image a rendering names is in the store, or is one this machine cannot build
 #     (the GPU engine FROM lmsysorg/sglang, the CUDA sidecar: listed, with how to build them), or one
 #     not built in this run (listed with its build command);
-#   - --strict NAME (repeatable; default, cpu-only): every lenpred image of that rendering is local.
+#   - --strict NAME (repeatable; default cpu-only; --no-strict: none): every lenpred image of that
+#     rendering is local.
 #
 # Third-party images (Redis, the helm-test curl) are listed: the cluster pulls them.
 # Needs helm (.ci/install-helm.sh) and the builder build.sh used. Exit 0 only if all checks hold.
@@ -23,6 +24,7 @@ strict=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --strict) strict+=("$2"); shift 2 ;;
+    --no-strict) strict+=("-"); shift ;;
     *) die "unknown argument '$1'" ;;
   esac
 done

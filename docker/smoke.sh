@@ -45,7 +45,7 @@ done
 if [[ "$engine_mode" == image ]]; then
   image_exists "$ENGINE_IMAGE" || die "$ENGINE_IMAGE is not in the local store: docker/build.sh engine-cpu (or --engine host)"
 else
-  LENPRED_BIN=${LENPRED_BIN:-$LENPRED_ROOT/.venv/bin/lenpred}
+  LENPRED_BIN=${LENPRED_BIN:-$LENPRED_ROOT/${LENPRED_VENV:-.venv}/bin/lenpred}
   [[ -x "$LENPRED_BIN" ]] || die "--engine host needs this checkout's venv (./dev.sh test once) or LENPRED_BIN"
 fi
 command -v redis-server >/dev/null || die "redis-server not found: apt-get install -y redis-server"
@@ -136,7 +136,7 @@ wait_for redis 20 tcp_open "$redis_port"
 
 # --- sidecar image (CPU fallback, one compute thread on a small box)
 sc_port=$(free_port) sc_metrics=$(free_port)
-run_image sidecar "$SIDECAR_IMAGE" -e "LENPRED_REDIS_URL=$redis_url" -e OMP_NUM_THREADS=1 -e MKL_NUM_THREADS=1 -- \
+run_image sidecar "$SIDECAR_IMAGE" -e TINI_SUBREAPER=1 -e "LENPRED_REDIS_URL=$redis_url" -e OMP_NUM_THREADS=1 -e MKL_NUM_THREADS=1 -- \
   sidecar --host 127.0.0.1 --port "$sc_port" --metrics-port "$sc_metrics" --namespace "$ns" --device cpu --threads 1
 wait_for sidecar 120 http_ok "http://127.0.0.1:$sc_metrics/metrics"
 
@@ -144,7 +144,7 @@ wait_for sidecar 120 http_ok "http://127.0.0.1:$sc_metrics/metrics"
 eng_port=$(free_port)
 if [[ "$engine_mode" == image ]]; then
   # The image's default arguments, on our port (what helm/examples/cpu-only.yaml runs).
-  run_image engine "$ENGINE_IMAGE" -e "LENPRED_SIDECAR=127.0.0.1:$sc_port" -- \
+  run_image engine "$ENGINE_IMAGE" -e TINI_SUBREAPER=1 -e "LENPRED_SIDECAR=127.0.0.1:$sc_port" -- \
     --model-path /opt/models/smollm2-135m-instruct --host 127.0.0.1 --port "$eng_port" \
     --device cpu --attention-backend torch_native --disable-cuda-graph --sleep-on-idle \
     --mem-fraction-static 0.3 --max-total-tokens 20000 \
@@ -158,7 +158,7 @@ wait_for "engine ($engine_mode)" 400 http_ok "http://127.0.0.1:$eng_port/health"
 
 # --- router image; with an API key when the router knows --api-keys-file
 rt_port=$(free_port)
-router_opts=(-e "LENPRED_REDIS_URL=$redis_url")
+router_opts=(-e TINI_SUBREAPER=1 -e "LENPRED_REDIS_URL=$redis_url")
 router_args=(router serve --host 127.0.0.1 --port "$rt_port" --backends "http://127.0.0.1:$eng_port" --namespace "$ns")
 api_key=""
 if in_image "$ROUTER_IMAGE" lenpred router serve --help 2>/dev/null | grep -q -- --api-keys-file; then
