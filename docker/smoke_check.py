@@ -13,27 +13,7 @@ import json
 import sys
 import time
 
-import httpx
-
-from lenpred.harness.demo import abs_error, collect_predictions, load_prompts
-
-
-async def send(router: str, prompts: list[dict], max_tokens: int, api_key: str | None, timeout: float) -> list[dict]:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(base_url=router, headers=headers, timeout=timeout) as client:
-        async def one(p: dict) -> dict:
-            r = await client.post("/v1/chat/completions", json={
-                "model": "default", "messages": [{"role": "user", "content": p["prompt"]}],
-                "max_tokens": max_tokens, "temperature": 0.7})
-            out = {"id": p["id"], "prompt": p["prompt"], "status": r.status_code, "rid": r.headers.get("x-lenpred-rid")}
-            if r.status_code == 200:
-                body = r.json()
-                out["true_len"] = body["usage"]["completion_tokens"]
-                out["truncated"] = body["choices"][0].get("finish_reason") == "length"
-            else:
-                out["error"] = r.text[:300]
-            return out
-        return await asyncio.gather(*(one(p) for p in prompts))
+from lenpred.harness.demo import abs_error, collect_predictions, load_prompts, send_all
 
 
 def main() -> int:
@@ -44,11 +24,11 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--api-key", default=None)
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     a = ap.parse_args()
 
     t0 = time.monotonic()
-    results = asyncio.run(send(a.router, load_prompts(None, a.requests), a.max_tokens, a.api_key, a.timeout))
+    headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else None
+    results = asyncio.run(send_all(a.router, load_prompts(None, a.requests), a.max_tokens, 0.7, headers))
     collect_predictions(a.redis_url, a.namespace, a.router, results)
     ok = [x for x in results if x["status"] == 200]
     predicted = [x for x in ok if x.get("p50") is not None]
