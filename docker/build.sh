@@ -168,7 +168,7 @@ build() {  # build DOCKERFILE REF BUILD-ARGS...
   local t0=$SECONDS
   case "$BUILDER" in
     docker) DOCKER_BUILDKIT=1 docker build --network host "${args[@]}" . ;;
-    *) buildah bud --isolation chroot --network host --pull=never --layers=false "${args[@]}" . ;;
+    *) buildah bud --isolation chroot --network host --pull=never --layers=false --force-rm "${args[@]}" . ;;
   esac
   local secs=$(( SECONDS - t0 )) name
   name=$(basename "${ref%%:*}")-${ref##*:}
