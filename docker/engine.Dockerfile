@@ -1,17 +1,19 @@
 # syntax=docker/dockerfile:1.7
-# SGLang engine with the lenpred tap plugin (entry point sglang.srt.plugins:lenpred_tap).
+# GPU SGLang engine with the lenpred tap plugin (entry point sglang.srt.plugins:lenpred_tap), built
+# FROM the official SGLang image. Needs a registry that serves it (Docker Hub); the machines this
+# project is developed on reach none, so this image is built by users (docs/DEPLOY.md):
 #
 #   docker build -f docker/engine.Dockerfile -t ghcr.io/lenpred/lenpred-engine:0.1.0 .
-#   # CPU (Intel Xeon) engines: first build SGLang's own CPU image from its repo
-#   #   (docker build -f docker/xeon.Dockerfile -t sglang-cpu:v0.5.23 . in sgl-project/sglang@v0.5.23), then
-#   docker build -f docker/engine.Dockerfile --build-arg SGLANG_IMAGE=sglang-cpu:v0.5.23 \
-#     -t ghcr.io/lenpred/lenpred-engine:0.1.0-cpu .
+#   docker/build.sh engine          # the same, with labels and the package list
+#
+# (SGLang's own Xeon CPU image works as SGLANG_IMAGE too; for a CPU engine built anywhere, without a
+# registry, see docker/engine-cpu.Dockerfile.)
 #
 # The plugin activates only when SGLANG_PLUGINS=lenpred_tap is set (the Helm chart sets it together
 # with LENPRED_TAP_* / LENPRED_SIDECAR). Nothing of the base image is upgraded: every package
 # already installed is pinned as a constraint, so the build fails loudly instead of replacing
 # SGLang's torch or SGLang itself.
-ARG SGLANG_IMAGE=lmsysorg/sglang:v0.5.23
+ARG SGLANG_IMAGE=docker.io/lmsysorg/sglang:v0.5.23
 
 FROM ${SGLANG_IMAGE} AS build
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
@@ -20,6 +22,18 @@ COPY . .
 RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${SGLANG_IMAGE}
+ARG SGLANG_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=""
+LABEL org.opencontainers.image.title="lenpred-engine" \
+      org.opencontainers.image.description="SGLang 0.5.23 with the lenpred tap plugin" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="https://github.com/lenpred/lenpred" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${SGLANG_IMAGE}"
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
@@ -32,6 +46,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
  && python3 -m pip list --format=freeze > /tmp/base-constraints.txt \
  && python3 -m pip install -c /tmp/base-constraints.txt "$(ls /wheels/lenpred-*.whl)[sglang]" \
  && rm -f /tmp/base-constraints.txt \
+ && mkdir -p /opt/lenpred && python3 -m pip freeze --all > /opt/lenpred/sbom.txt \
  && python3 -c 'from importlib.metadata import entry_points as e; assert any(p.name == "lenpred_tap" for p in e(group="sglang.srt.plugins")), "lenpred_tap entry point missing"'
 # Non-root user matching the chart's securityContext (uid/gid 10001); home and model cache are
 # writable mounts in the pod (emptyDir or PVC), created here too for plain `docker run`.

@@ -7,9 +7,12 @@ there, so it is checked by hand instead. Each `helm template` takes ~0.1 s.
 """
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -38,6 +41,8 @@ KITCHEN_SINK = {
     },
     "sidecar": {
         "replicas": 2,
+        "processes": 4,
+        "tls": {"secretName": "sidecar-tls", "clientSecretName": "engine-tls", "serverName": "sidecar.example"},
         "device": "cuda",
         "gpu": {"enabled": True, "count": 2},
         "heads": {"volume": {"persistentVolumeClaim": {"claimName": "heads"}}},
@@ -47,6 +52,7 @@ KITCHEN_SINK = {
         "replicas": 3,
         "backends": ["http://outside-engine.example:30000"],
         "existingPolicyConfigMap": "my-policy",
+        "auth": {"existingSecret": "my-keys", "existingSecretKey": "router-keys.yaml"},
         "existingPolicyConfigMapKey": "router.yaml",
         "service": {"type": "NodePort", "nodePort": 30080},
         "ingress": {
@@ -56,12 +62,14 @@ KITCHEN_SINK = {
             "tls": [{"hosts": ["llm.example.com"], "secretName": "llm-tls"}],
         },
     },
-    "redis": {"external": {"url": "rediss://:secret@redis.example:6380/2"}},
+    "redis": {"external": {"url": "rediss://redis.example:6380/2"},
+              "auth": {"existingSecret": "redis-pw", "existingSecretKey": "pw"}},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "networkPolicy": {
         "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
         "sidecar": {"extraFrom": [{"namespaceSelector": {"matchLabels": {"name": "engines"}}}]},
-        "engine": {"enabled": True},
+        "router": {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+        "engine": {"extraFrom": [{"podSelector": {"matchLabels": {"role": "debug"}}}]},
     },
 }
 
@@ -304,14 +312,14 @@ def test_router_args_policy_and_redis(helm):
     args = c["args"]
     assert args[:2] == ["router", "serve"]
     assert arg_after(args, "--port") == "8080"
-    assert arg_after(args, "--policy") == "/etc/lenpred/policy.yaml"
+    assert arg_after(args, "--policy") == "/etc/lenpred/policy/policy.yaml"
     assert arg_after(args, "--namespace") == RELEASE
     backends = arg_after(args, "--backends").split(",")
     assert backends == [f"http://{RELEASE}-engine-{i}.{RELEASE}-engine.{NAMESPACE}.svc:30000" for i in range(2)]
     assert env_of(c)["LENPRED_REDIS_URL"]["value"].startswith("redis://")
     # Policy ConfigMap mounted as a directory (no subPath), so hot reload sees updates.
     mount = next(m for m in c["volumeMounts"] if m["name"] == "policy")
-    assert mount["mountPath"] == "/etc/lenpred" and "subPath" not in mount
+    assert mount["mountPath"] == "/etc/lenpred/policy" and "subPath" not in mount
     vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "policy")
     cm = one(docs, "ConfigMap", vol["configMap"]["name"])
     policy = yaml.safe_load(cm["data"]["policy.yaml"])
@@ -343,7 +351,6 @@ def test_bundled_redis_without_persistence(helm):
     assert arg_after(c["args"], "--save") == "" and arg_after(c["args"], "--appendonly") == "no"
     assert not sts["spec"].get("volumeClaimTemplates")
     assert one(docs, "Service", f"{RELEASE}-redis")["spec"]["ports"][0]["port"] == 6379
-    assert not find(docs, "Secret")
 
 
 def test_prometheus_annotations_and_no_servicemonitor_by_default(helm):
@@ -357,19 +364,44 @@ def test_prometheus_annotations_and_no_servicemonitor_by_default(helm):
     assert not find(docs, "ServiceMonitor")
 
 
-def test_network_policies(helm):
-    docs = render(helm)
-    sel = lambda comp: {"matchLabels": {"app.kubernetes.io/name": "lenpred",  # noqa: E731
-                                        "app.kubernetes.io/instance": RELEASE,
-                                        "app.kubernetes.io/component": comp}}
-    side = one(docs, "NetworkPolicy", f"{RELEASE}-sidecar")
-    assert side["spec"]["podSelector"] == sel("sidecar")
-    grpc_rules = [r for r in side["spec"]["ingress"] if {"port": "grpc", "protocol": "TCP"} in r["ports"]]
-    assert len(grpc_rules) == 1 and grpc_rules[0]["from"] == [{"podSelector": sel("engine")}]
-    redis = one(docs, "NetworkPolicy", f"{RELEASE}-redis")
-    (rule,) = redis["spec"]["ingress"]
-    assert rule["from"] == [{"podSelector": sel("sidecar")}, {"podSelector": sel("router")}]
-    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+def sel(comp: str) -> dict:
+    return {"matchLabels": {"app.kubernetes.io/name": "lenpred", "app.kubernetes.io/instance": RELEASE,
+                            "app.kubernetes.io/component": comp}}
+
+
+def rules_on(policy: dict, port: str) -> list[dict]:
+    return [r for r in policy["spec"]["ingress"] if {"port": port, "protocol": "TCP"} in r["ports"]]
+
+
+# (component, port, peers allowed on it by default; None = any source)
+DEFAULT_INGRESS = [
+    ("router", "http", None),
+    ("engine", "http", [{"podSelector": sel("router")}]),
+    ("sidecar", "grpc", [{"podSelector": sel("engine")}]),
+    ("sidecar", "metrics", None),
+    ("redis", "redis", [{"podSelector": sel("sidecar")}, {"podSelector": sel("router")}]),
+]
+
+
+@pytest.mark.parametrize("component,port,peers", DEFAULT_INGRESS, ids=[f"{c}-{p}" for c, p, _ in DEFAULT_INGRESS])
+def test_network_policy_on_by_default_for_every_component(helm, component, port, peers):
+    pol = one(render(helm), "NetworkPolicy", f"{RELEASE}-{component}")
+    assert pol["spec"]["podSelector"] == sel(component)
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = rules_on(pol, port)
+    assert rule.get("from") == peers
+
+
+def test_network_policy_peers_are_configurable(helm, kitchen_sink_file):
+    docs = render(helm, kitchen_sink_file)
+    (rule,) = rules_on(one(docs, "NetworkPolicy", f"{RELEASE}-router"), "http")
+    # router.from restricts the front door; helm test's pod is still let in
+    assert rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"podSelector": sel("test")}]
+    engine_rules = rules_on(one(docs, "NetworkPolicy", f"{RELEASE}-engine"), "http")
+    assert engine_rules[0]["from"] == [{"podSelector": sel("router")},
+                                       {"podSelector": {"matchLabels": {"role": "debug"}}}]
+    assert engine_rules[1]["from"] == [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    assert not find(docs, "NetworkPolicy", f"{RELEASE}-redis")  # external Redis
     assert not find(render(helm, sets=("networkPolicy.enabled=false",)), "NetworkPolicy")
 
 
@@ -431,7 +463,8 @@ def test_external_redis_example_uses_the_secret(helm):
     assert not find(docs, "StatefulSet", f"{RELEASE}-redis")
     assert not find(docs, "Service", f"{RELEASE}-redis")
     assert not find(docs, "NetworkPolicy", f"{RELEASE}-redis")
-    assert not find(docs, "Secret")  # the Secret already exists; the chart only references it
+    # The Redis Secret already exists; the chart only references it (and makes no password).
+    assert [d["metadata"]["name"] for d in find(docs, "Secret")] == [f"{RELEASE}-router-api-keys"]
     for comp in ("router", "sidecar"):
         c = container(one(docs, "Deployment", f"{RELEASE}-{comp}"), comp)
         ref = env_of(c)["LENPRED_REDIS_URL"]["valueFrom"]["secretKeyRef"]
@@ -483,7 +516,6 @@ def test_kitchen_sink_optional_features(helm, kitchen_sink_file):
     assert env_of(engine)["LENPRED_MODEL_ID"]["value"] == "llama-8b"
     assert env_of(engine)["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
     assert arg_after(engine["args"], "--served-model-name") == "llama"
-    assert find(docs, "NetworkPolicy", f"{RELEASE}-engine")
     for sm in find(docs, "ServiceMonitor"):
         assert sm["metadata"]["labels"]["release"] == "prom"
         assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
@@ -495,6 +527,193 @@ def test_engines_can_be_external(helm):
     assert not find(docs, "StatefulSet", f"{RELEASE}-engine")
     args = container(one(docs, "Deployment", f"{RELEASE}-router"), "router")["args"]
     assert arg_after(args, "--backends") == "http://e.example:30000"
+
+
+# ------------------------------------------------------------------------------------------------
+# credentials and TLS (docs/SECURITY.md, "deployment")
+
+
+def secret_data(secret: dict) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+def volume(workload: dict, name: str) -> dict:
+    return next(v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == name)
+
+
+def test_router_api_key_generated_and_mounted(helm):
+    docs = render(helm)
+    data = secret_data(one(docs, "Secret", f"{RELEASE}-router-api-keys"))
+    key = data["api-key"]
+    assert len(key) >= 40 and key.isalnum()
+    assert yaml.safe_load(data["keys.yaml"]) == {"keys": [{
+        "name": "operator", "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+        "scopes": ["inference", "priority", "admin"]}]}
+    router = one(docs, "Deployment", f"{RELEASE}-router")
+    c = container(router, "router")
+    assert arg_after(c["args"], "--api-keys-file") == "/etc/lenpred/api-keys/keys.yaml"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": "/etc/lenpred/api-keys", "readOnly": True}
+    assert volume(router, "api-keys")["secret"]["secretName"] == f"{RELEASE}-router-api-keys"
+    assert volume(router, "api-keys")["secret"]["items"] == [{"key": "keys.yaml", "path": "keys.yaml"}]
+    # helm test authenticates with the generated key
+    test = one(docs, "Pod", f"{RELEASE}-test-chat")["spec"]["containers"][0]
+    assert env_of(test)["API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-router-api-keys"
+    assert "Authorization: Bearer" in test["args"][0]
+
+
+def test_router_api_key_is_kept_on_upgrade_by_lookup():
+    # `helm template` has no cluster to look the Secret up in (every render draws a new key), so
+    # what keeps the key on upgrade is checked in the template: both generated credentials go
+    # through lenpred.keptRandom, which returns the Secret's current value when lookup finds it.
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    body = helpers.split('define "lenpred.keptRandom"', 1)[1].split("{{- end -}}\n", 3)
+    assert 'lookup "v1" "Secret" .ctx.Release.Namespace .name' in body[0]
+    secrets = (CHART / "templates" / "secrets.yaml").read_text()
+    assert secrets.count('include "lenpred.keptRandom"') == 2
+
+
+def test_router_extra_keys_and_existing_secret(helm, kitchen_sink_file):
+    h = "a" * 64
+    docs = render(helm, sets=("router.auth.extraKeys[0].name=team-a", f"router.auth.extraKeys[0].key_sha256={h}",
+                              "router.auth.extraKeys[0].scopes[0]=inference"))
+    keys = yaml.safe_load(secret_data(one(docs, "Secret", f"{RELEASE}-router-api-keys"))["keys.yaml"])["keys"]
+    assert [k["name"] for k in keys] == ["operator", "team-a"] and keys[1]["key_sha256"] == h
+    # bring your own Secret: nothing generated, the router mounts yours under the same path
+    docs = render(helm, kitchen_sink_file)
+    assert not find(docs, "Secret", f"{RELEASE}-router-api-keys")
+    router = one(docs, "Deployment", f"{RELEASE}-router")
+    assert volume(router, "api-keys")["secret"]["secretName"] == "my-keys"
+    assert volume(router, "api-keys")["secret"]["items"] == [{"key": "router-keys.yaml", "path": "keys.yaml"}]
+
+
+def test_router_auth_can_be_switched_off(helm):
+    docs = render(helm, sets=("router.auth.enabled=false",))
+    c = container(one(docs, "Deployment", f"{RELEASE}-router"), "router")
+    assert "--api-keys-file" not in c["args"]
+    assert not find(docs, "Secret", f"{RELEASE}-router-api-keys")
+    assert "API_KEY" not in env_of(one(docs, "Pod", f"{RELEASE}-test-chat")["spec"]["containers"][0])
+
+
+def test_bundled_redis_gets_a_generated_password(helm):
+    docs = render(helm)
+    password = secret_data(one(docs, "Secret", f"{RELEASE}-redis-auth"))["password"]
+    assert len(password) >= 32
+    ref = {"secretKeyRef": {"name": f"{RELEASE}-redis-auth", "key": "password"}}
+    redis = container(one(docs, "StatefulSet", f"{RELEASE}-redis"), "redis")
+    assert redis["command"][:2] == ["sh", "-c"] and '--requirepass "$REDIS_PASSWORD"' in redis["command"][2]
+    assert env_of(redis)["REDIS_PASSWORD"]["valueFrom"] == ref
+    assert env_of(redis)["REDISCLI_AUTH"]["valueFrom"] == ref  # the redis-cli probes
+    for comp in ("router", "sidecar"):
+        c = container(one(docs, "Deployment", f"{RELEASE}-{comp}"), comp)
+        assert env_of(c)["LENPRED_REDIS_PASSWORD"]["valueFrom"] == ref
+        assert password not in str(c)
+
+
+@pytest.mark.parametrize("sets,secret", [
+    (("redis.auth.enabled=false",), None),
+    (("redis.auth.existingSecret=mine", "redis.auth.existingSecretKey=pw"), {"name": "mine", "key": "pw"}),
+    (("redis.external.url=redis://r.example:6379/0",), None),
+    (("redis.external.url=redis://r.example:6379/0", "redis.auth.existingSecret=mine"), {"name": "mine", "key": "password"}),
+], ids=["bundled-no-auth", "bundled-own-secret", "external-no-password", "external-own-secret"])
+def test_redis_password_sources(helm, sets, secret):
+    docs = render(helm, sets=sets)
+    assert not find(docs, "Secret", f"{RELEASE}-redis-auth")
+    for comp in ("router", "sidecar"):
+        env = env_of(container(one(docs, "Deployment", f"{RELEASE}-{comp}"), comp))
+        if secret is None:
+            assert "LENPRED_REDIS_PASSWORD" not in env
+        else:
+            assert env["LENPRED_REDIS_PASSWORD"]["valueFrom"] == {"secretKeyRef": secret}
+
+
+def test_sidecar_processes_and_plaintext_by_default(helm):
+    docs = render(helm)
+    side = container(one(docs, "Deployment", f"{RELEASE}-sidecar"), "sidecar")
+    assert arg_after(side["args"], "--processes") == "1"
+    assert "--tls-cert" not in side["args"]
+    engine = container(one(docs, "StatefulSet", f"{RELEASE}-engine"), "engine")
+    assert not [k for k in env_of(engine) if k.startswith("LENPRED_SIDECAR_TLS")]
+    # one ClusterIP Service, no session affinity: a gRPC stream is one connection, pinned to a pod
+    svc = one(docs, "Service", f"{RELEASE}-sidecar")["spec"]
+    assert svc["type"] == "ClusterIP" and "sessionAffinity" not in svc
+
+
+@pytest.mark.parametrize("client_auth", [True, False], ids=["mtls", "tls"])
+def test_sidecar_tls_mounts_and_flags(helm, client_auth):
+    docs = render(helm, sets=("sidecar.tls.secretName=sidecar-tls", f"sidecar.tls.clientAuth={str(client_auth).lower()}"))
+    tls = "/etc/lenpred/tls"
+    dep = one(docs, "Deployment", f"{RELEASE}-sidecar")
+    side = container(dep, "sidecar")
+    assert arg_after(side["args"], "--tls-cert") == f"{tls}/tls.crt"
+    assert arg_after(side["args"], "--tls-key") == f"{tls}/tls.key"
+    assert ("--tls-client-ca" in side["args"]) is client_auth
+    if client_auth:
+        assert arg_after(side["args"], "--tls-client-ca") == f"{tls}/ca.crt"
+    assert {"name": "tls", "mountPath": tls, "readOnly": True} in side["volumeMounts"]
+    assert volume(dep, "tls")["secret"]["secretName"] == "sidecar-tls"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):  # kubelet's gRPC probe has no TLS
+        assert side[probe]["tcpSocket"] == {"port": "grpc"} and "grpc" not in side[probe]
+    sts = one(docs, "StatefulSet", f"{RELEASE}-engine")
+    engine = env_of(container(sts, "engine"))
+    assert engine["LENPRED_SIDECAR_TLS_CA"]["value"] == f"{tls}/ca.crt"
+    assert ("LENPRED_SIDECAR_TLS_CERT" in engine) is client_auth and ("LENPRED_SIDECAR_TLS_KEY" in engine) is client_auth
+    assert "LENPRED_SIDECAR_TLS_SERVER_NAME" not in engine
+    assert volume(sts, "tls")["secret"]["secretName"] == "sidecar-tls"
+
+
+def test_engines_can_use_their_own_client_certificate(helm, kitchen_sink_file):
+    docs = render(helm, kitchen_sink_file)
+    sts = one(docs, "StatefulSet", f"{RELEASE}-engine")
+    assert volume(sts, "tls")["secret"]["secretName"] == "engine-tls"
+    assert env_of(container(sts, "engine"))["LENPRED_SIDECAR_TLS_SERVER_NAME"]["value"] == "sidecar.example"
+    assert arg_after(container(one(docs, "Deployment", f"{RELEASE}-sidecar"), "sidecar")["args"], "--processes") == "4"
+
+
+# ------------------------------------------------------------------------------------------------
+# the chart names the images docker/build.sh makes
+
+
+def dockerfile_user(name: str) -> str:
+    lines = [ln.split()[1] for ln in (ROOT / "docker" / name).read_text().splitlines() if ln.startswith("USER ")]
+    assert len(lines) == 1, name
+    return lines[0]
+
+
+def test_chart_version_is_the_package_version():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert chart["appVersion"] == version  # docker/lib.sh tags images with the package version
+
+
+@pytest.mark.parametrize("component,dockerfile", [
+    ("router", "router.Dockerfile"), ("sidecar", "sidecar.Dockerfile"),
+    ("engine", "engine.Dockerfile"), ("engine", "engine-cpu.Dockerfile"),
+])
+def test_values_match_the_images(component, dockerfile):
+    values = yaml.safe_load((CHART / "values.yaml").read_text())[component]
+    lib = (ROOT / "docker" / "lib.sh").read_text()
+    registry = re.search(r'LENPRED_REGISTRY="\$\{LENPRED_REGISTRY:-([^}]+)\}"', lib).group(1)
+    assert values["image"]["repository"] == f"{registry}/lenpred-{component}"
+    uid, gid = dockerfile_user(dockerfile).split(":")
+    sc = values["podSecurityContext"]
+    assert (str(sc["runAsUser"]), str(sc["runAsGroup"])) == (uid, gid)
+
+
+@pytest.mark.parametrize("example,engine_tag,sidecar_tag", [
+    ("cpu-only", "0.1.0-cpu", "0.1.0-cpu"), ("gpu", "0.1.0", "0.1.0"), ("replicas-4", "0.1.0", "0.1.0"),
+])
+def test_examples_use_the_built_tags(helm, example, engine_tag, sidecar_tag):
+    # build.sh: router <v>; sidecar <v> (PyPI torch) or <v>-cpu (CPU torch); engine <v> (GPU) or <v>-cpu
+    docs = render(helm, ROOT / "helm" / "examples" / f"{example}.yaml")
+    images = {c["name"]: c["image"] for _, spec in pod_specs(docs) for c in spec["containers"]}
+    assert images["engine"] == f"ghcr.io/lenpred/lenpred-engine:{engine_tag}"
+    assert images["sidecar"] == f"ghcr.io/lenpred/lenpred-sidecar:{sidecar_tag}"
+    assert images["router"] == "ghcr.io/lenpred/lenpred-router:0.1.0"
+    if example == "cpu-only":  # the model the engine-cpu image carries; nothing is downloaded
+        engine = container(one(docs, "StatefulSet", f"{RELEASE}-engine"), "engine")
+        assert arg_after(engine["args"], "--model-path") == "/opt/models/smollm2-135m-instruct"
+        assert "/opt/models/smollm2-135m-instruct" in (ROOT / "docker" / "engine-cpu.Dockerfile").read_text()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -532,6 +751,11 @@ BAD = [
      "set either url or existingSecret"),
     ("external-engines-without-backends", ("engine.enabled=false",), None, "list your engines in router.backends"),
     ("bad-redis-url-scheme", ("redis.external.url=http://r:6379",), None, "/redis/external/url"),
+    ("sidecar-processes-zero", ("sidecar.processes=0",), None, "/sidecar/processes"),
+    ("unknown-api-key-scope", ("router.auth.scopes[0]=root",), None, "/router/auth/scopes/0"),
+    ("extra-key-not-a-sha256", ("router.auth.extraKeys[0].name=a", "router.auth.extraKeys[0].key_sha256=plain",
+                                "router.auth.extraKeys[0].scopes[0]=inference"), None, "/router/auth/extraKeys/0/key_sha256"),
+    ("unknown-tls-key", ("sidecar.tls.insecure=true",), None, "'insecure' not allowed"),
 ]
 
 

@@ -45,8 +45,9 @@ def load_prompts(path: str | None, limit: int) -> list[dict]:
     return rows[:limit]
 
 
-async def send_all(router: str, prompts: list[dict], max_tokens: int, temperature: float) -> list[dict]:
-    async with httpx.AsyncClient(base_url=router, timeout=600) as c:
+async def send_all(router: str, prompts: list[dict], max_tokens: int, temperature: float,
+                   headers: dict | None = None) -> list[dict]:
+    async with httpx.AsyncClient(base_url=router, timeout=600, headers=headers) as c:
         async def one(p):
             t0 = time.perf_counter()
             r = await c.post("/v1/chat/completions", json={

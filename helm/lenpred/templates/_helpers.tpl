@@ -115,7 +115,24 @@ app.kubernetes.io/part-of: lenpred
 {{- printf "redis://%s.%s:%d/0" (include "lenpred.redis.fullname" .) (include "lenpred.svcSuffix" .) (int .Values.redis.port) -}}
 {{- end -}}
 
-{{/* The LENPRED_REDIS_URL env entry for router and sidecar. */}}
+{{/* Redis AUTH: a password Secret is used (bundled Redis with auth on, or a Secret you name). */}}
+{{- define "lenpred.redis.auth" -}}
+{{- if or .Values.redis.auth.existingSecret (and (include "lenpred.redis.bundled" .) .Values.redis.auth.enabled) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The chart generates the Redis password Secret (bundled Redis, auth on, no Secret of yours). */}}
+{{- define "lenpred.redis.generatePassword" -}}
+{{- if and (include "lenpred.redis.bundled" .) .Values.redis.auth.enabled (not .Values.redis.auth.existingSecret) -}}true{{- end -}}
+{{- end -}}
+
+{{/* secretKeyRef body of the Redis password. */}}
+{{- define "lenpred.redis.passwordRef" -}}
+secretKeyRef:
+  name: {{ .Values.redis.auth.existingSecret | default (printf "%s-redis-auth" (include "lenpred.fullname" .)) }}
+  key: {{ ternary .Values.redis.auth.existingSecretKey "password" (ne .Values.redis.auth.existingSecret "") }}
+{{- end -}}
+
+{{/* The LENPRED_REDIS_URL (+ LENPRED_REDIS_PASSWORD) env entries for router and sidecar. */}}
 {{- define "lenpred.redis.env" -}}
 - name: LENPRED_REDIS_URL
 {{- if include "lenpred.redis.bundled" . }}
@@ -126,12 +143,42 @@ app.kubernetes.io/part-of: lenpred
       name: {{ .Values.redis.external.existingSecret | default (printf "%s-redis-url" (include "lenpred.fullname" .)) }}
       key: {{ if .Values.redis.external.existingSecret }}{{ .Values.redis.external.existingSecretKey }}{{ else }}url{{ end }}
 {{- end }}
+{{- if include "lenpred.redis.auth" . }}
+- name: LENPRED_REDIS_PASSWORD
+  valueFrom:
+    {{- include "lenpred.redis.passwordRef" . | nindent 4 }}
+{{- end }}
 {{- end -}}
 
 {{/*
-Pod annotations: Prometheus scrape annotations (metrics.podAnnotations), a policy checksum, then
-the component's podAnnotations. (dict "ctx" $ "port" 9091 "extra" .Values.x.podAnnotations
-"checksum" "")  Renders "annotations: ..." or nothing.
+A generated secret value that survives upgrades: the value the Secret already holds in the cluster
+(helm install/upgrade look it up), else a new random one (first install; `helm template` and
+--dry-run cannot look up, so they show a fresh value each time).
+(dict "ctx" $ "name" "<secret>" "key" "<data key>" "length" 40)
+*/}}
+{{- define "lenpred.keptRandom" -}}
+{{- $old := lookup "v1" "Secret" .ctx.Release.Namespace .name -}}
+{{- $data := (get (default dict $old) "data") | default dict -}}
+{{- if hasKey $data .key -}}
+{{- index $data .key | b64dec -}}
+{{- else -}}
+{{- randAlphaNum (int .length) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Router API keys: the Secret holding keys.yaml (yours, or the one the chart generates). */}}
+{{- define "lenpred.router.apiKeysSecret" -}}
+{{- .Values.router.auth.existingSecret | default (printf "%s-api-keys" (include "lenpred.router.fullname" .)) -}}
+{{- end -}}
+
+{{/* Where the tap -> sidecar TLS material is mounted (sidecar and engine pods). */}}
+{{- define "lenpred.tlsDir" -}}/etc/lenpred/tls{{- end -}}
+
+{{/*
+Pod annotations: Prometheus scrape annotations (metrics.podAnnotations), checksums (a pod rolls
+when one changes; empty ones are left out), then the component's podAnnotations.
+(dict "ctx" $ "port" 9091 "extra" .Values.x.podAnnotations "checksums" (dict "policy" "..."))
+Renders "annotations: ..." or nothing.
 */}}
 {{- define "lenpred.podAnnotations" -}}
 {{- $ann := dict -}}
@@ -140,8 +187,10 @@ the component's podAnnotations. (dict "ctx" $ "port" 9091 "extra" .Values.x.podA
 {{- $_ := set $ann "prometheus.io/port" (toString .port) -}}
 {{- $_ := set $ann "prometheus.io/path" "/metrics" -}}
 {{- end -}}
-{{- with .checksum -}}
-{{- $_ := set $ann "checksum/policy" . -}}
+{{- range $k, $v := (default dict .checksums) -}}
+{{- if $v -}}
+{{- $_ := set $ann (printf "checksum/%s" $k) $v -}}
+{{- end -}}
 {{- end -}}
 {{- range $k, $v := .extra -}}
 {{- $_ := set $ann $k (toString $v) -}}
