@@ -36,9 +36,11 @@ def minilm_features(texts: np.ndarray) -> np.ndarray:
 
 def features(tr, req_rows: np.ndarray, need_minilm: bool) -> dict[str, np.ndarray]:
     pr = tr.req_prompt[req_rows]
-    F = {"pooled": tr.pooled[pr].astype(np.float32), "mean": tr.mean[pr].astype(np.float32),
-         "last": tr.last[pr].astype(np.float32), "prompt_tokens": tr.prompt_tokens[pr].astype(np.float32),
+    F = {"last": tr.last[pr].astype(np.float32), "prompt_tokens": tr.prompt_tokens[pr].astype(np.float32),
          "none": np.zeros((len(pr), 1), np.float32)}
+    for name in ("pooled", "mean"):
+        if getattr(tr, name) is not None:
+            F[name] = getattr(tr, name)[pr].astype(np.float32)
     if need_minilm:
         uniq, inv = np.unique(pr, return_inverse=True)
         F["minilm"] = minilm_features(tr.text[uniq])[inv]
@@ -96,7 +98,7 @@ def evaluate(tr, req_rows: np.ndarray, preds: dict, *, timing: bool = True, log=
            "n_prompts": int(len(np.unique(tr.req_prompt[req_rows]))), "datasets": datasets}
     outputs = {}
     for name, p in preds.items():
-        if p.target != "total":
+        if p.target != "total" or p.input not in F:
             continue
         o = p.predict(F[p.input])
         outputs[name] = o
