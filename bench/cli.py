@@ -6,6 +6,7 @@ import sys
 
 BENCHES = {
     "accuracy": ("lenpred.bench.accuracy", "prediction accuracy of every shipped predictor on a prompt file"),
+    "learn": ("lenpred.bench.learn", "online learning replayed through a real sidecar: served MAE vs finished requests"),
     "heads": ("lenpred.bench.heads", "head forward time at realistic widths"),
     "sidecar": ("lenpred.bench.sidecar", "sidecar throughput and latency over real gRPC"),
     "tap": ("lenpred.bench.tap_cost", "the tap's GPU/CPU maths as a fraction of a model step"),

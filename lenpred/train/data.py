@@ -41,6 +41,7 @@ class Traces:
     finish_seq: np.ndarray | None = None
     abl: dict | None = None
     split_key: np.ndarray | None = None
+    finish_ts: np.ndarray | None = None
 
     @property
     def split_keys(self) -> np.ndarray:
@@ -63,7 +64,7 @@ def shard_files(dirs: list[str]) -> list[pathlib.Path]:
         p = pathlib.Path(d)
         if not p.is_dir():
             raise FileNotFoundError(f"data folder {p} does not exist")
-        fs = sorted(p.glob("shard-*.npz"))
+        fs = sorted(p.glob("shard-*.npz")) or sorted(p.glob("seg-*.npz"))  # seg-*: the sidecar's live store
         if not fs:
             fs = sorted(p.glob("*/shard-*.npz"))  # a folder of collection folders
         if not fs:
@@ -112,6 +113,7 @@ def load(dirs: list[str] | str) -> Traces:
         add["length"] = np.minimum(z["length"], add["cap"])
         add.update({k: z[k] for k in z.files if k.startswith("abl_")})
         add["split_key"] = z["split_key"] if "split_key" in z.files else None
+        add["finish_ts"] = z["finish_ts"] if "finish_ts" in z.files else None
         for k, v in add.items():
             parts.setdefault(k, []).append(v)
         p_off += P

@@ -179,9 +179,11 @@ def fit_served(tr, R: dict, *, version: str, cap: int, kinds=("last", "plp"), pl
             Xv = features(tr, R["val"], False)[feat[kind]]
             Y, Yv = tr.length[R["train"]].astype(np.float32), tr.length[R["val"]].astype(np.float32)
             capv, ep, inp, pf = tr.cap[R["val"]].astype(np.float32), epochs, feat[kind], "pooled"
+        # batch 128 as `lenpred train`, smaller on small live stores so a few hundred requests
+        # still get enough optimiser steps per epoch
         h = models.fit_head("plp" if kind == "plp" else "egtp", X, Y, Xv, Yv, model_id=tr.model_id,
                             hidden_size=tr.hidden_size, max_len=cap, n_bins=bins, epochs=ep, lr=lr, seed=seed,
-                            capv=capv, log=log)
+                            capv=capv, log=log, batch=int(min(128, max(16, len(Y) // 32))))
         models.calibrate_head(h, Xv, Yv)
         h.meta.kind = kind
         h.meta.prompt_feature = pf

@@ -2,12 +2,13 @@
 
 An ingest loop calls, per message, with the rows it accepted:
 
-    rec.on_prefill(key, rids, feats, prompt_tokens, max_new_tokens, served)
+    rec.on_prefill(key, rids, feats, prompt_tokens, max_new_tokens)
+    rec.on_served(key, rids, served)            (optional: what was published for them)
     rec.on_decode(key, rids, steps, vecs)
     rec.on_finish(key, rid, output_tokens, truncated, aborted, max_new_tokens)
 
 where key = (model_id, hidden_size, layer), feats = {"last": [n, d], "pooled": [n, d]} (either may
-be missing), and served = the predictions just published for these rids (or None). Each call only
+be missing), and served = [(mean, p90, head version)] just published for these rids. Each call only
 appends a tuple to a bounded queue (drop and count when full): nothing is copied, converted or
 written on the ingest path, and the ack never waits for learning. One background thread joins the
 rows per request id (bounded in-flight table), turns finished requests into `Example`s, writes a
@@ -52,8 +53,6 @@ class Live:
     """Sliding window of (abs error, covered) of the served prefill prediction, per model."""
     errs: collections.deque
     cov: collections.deque
-    samples: int = 0
-    dropped_no_prefill: int = 0
 
     def mae(self) -> float:
         return float(np.mean(self.errs)) if self.errs else float("nan")
@@ -71,6 +70,9 @@ class ExampleRecorder:
         self.pending: dict[ModelKey, list[Example]] = {}
         self.stores: dict[ModelKey, ModelStore] = {}
         self.live: dict[ModelKey, Live] = {}
+        # finished before their prediction's on_served arrived (the ingest path processes messages
+        # concurrently, so a finished row can overtake its own prediction): rid -> (key, length, cap)
+        self.unserved: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self.dropped = collections.Counter()
         self._enabled: dict[ModelKey, tuple[bool, float]] = {}
         self._keep = set(cfg.keep_steps)
@@ -98,9 +100,13 @@ class ExampleRecorder:
             if self.m:
                 self.m.dropped.labels("queue_full").inc()
 
-    def on_prefill(self, key: ModelKey, rids, feats: dict, prompt_tokens, max_new_tokens=None, served=None) -> None:
+    def on_prefill(self, key: ModelKey, rids, feats: dict, prompt_tokens, max_new_tokens=None) -> None:
         if self.wants(key):
-            self._put(("p", key, list(rids), feats, list(prompt_tokens), list(max_new_tokens or []), served))
+            self._put(("p", key, list(rids), feats, list(prompt_tokens), list(max_new_tokens or [])))
+
+    def on_served(self, key: ModelKey, rids, served) -> None:
+        if self.wants(key):
+            self._put(("s", key, list(rids), list(served)))
 
     def on_decode(self, key: ModelKey, rids, steps, vecs: torch.Tensor) -> None:
         if self.wants(key):
@@ -126,7 +132,7 @@ class ExampleRecorder:
                 except queue.Empty:
                     item = None
                 if item is not None:
-                    getattr(self, "_" + {"p": "prefill", "d": "decode", "f": "finish"}[item[0]])(*item[1:])
+                    getattr(self, "_" + {"p": "prefill", "s": "served", "d": "decode", "f": "finish"}[item[0]])(*item[1:])
                 if time.monotonic() - self._last_flush > self.cfg.flush_s:
                     self.flush()
             self.flush()
@@ -136,7 +142,22 @@ class ExampleRecorder:
             if self.m:
                 self.m.recorder_up.set(0)
 
-    def _prefill(self, key, rids, feats, pts, caps, served) -> None:
+    def _served(self, key, rids, served) -> None:
+        for rid, sv in zip(rids, served):
+            fl = self.inflight.get(rid)
+            if fl is not None:
+                fl.served = sv
+            elif rid in self.unserved:
+                self._score(*self.unserved.pop(rid), sv)
+
+    def _score(self, key, length: int, cap: int, served) -> None:
+        lv = self.live.setdefault(key, Live(collections.deque(maxlen=self.cfg.live_window),
+                                            collections.deque(maxlen=self.cfg.live_window)))
+        mean, p90, _ver = served
+        lv.errs.append(abs(min(mean, cap) - length))
+        lv.cov.append(float(length <= min(p90, cap) + 1e-6))
+
+    def _prefill(self, key, rids, feats, pts, caps) -> None:
         last = feats.get("last")
         if last is None:
             self.dropped["no_last_vector"] += len(rids)
@@ -144,11 +165,8 @@ class ExampleRecorder:
         last = last.to(torch.float16).numpy()
         pooled = feats["pooled"].to(torch.float16).numpy() if "pooled" in feats else None
         for i, rid in enumerate(rids):
-            sv = None
-            if served is not None and i < len(served) and served[i] is not None:
-                sv = served[i]
             self.inflight[rid] = _Inflight(key, last[i], None if pooled is None else pooled[i],
-                                           int(pts[i]) if pts else 0, int(caps[i]) if caps else 0, sv)
+                                           int(pts[i]) if pts else 0, int(caps[i]) if caps else 0, None)
             self.inflight.move_to_end(rid)
         while len(self.inflight) > self.cfg.max_inflight:
             self.inflight.popitem(last=False)
@@ -178,13 +196,12 @@ class ExampleRecorder:
                      capped=bool(truncated), cap=cap, finish_ts=time.time(), dec_steps=steps,
                      dec_vecs=[fl.dec[s] for s in steps])
         self.pending.setdefault(key, []).append(ex)
-        lv = self.live.setdefault(key, Live(collections.deque(maxlen=self.cfg.live_window),
-                                            collections.deque(maxlen=self.cfg.live_window)))
-        lv.samples += 1
         if fl.served is not None:
-            mean, p90, _ver = fl.served
-            lv.errs.append(abs(min(mean, cap) - length))
-            lv.cov.append(float(length <= min(p90, cap) + 1e-6))
+            self._score(key, length, cap, fl.served)
+        else:
+            self.unserved[rid] = (key, length, cap)
+            while len(self.unserved) > 10_000:
+                self.unserved.popitem(last=False)
         if self.m:
             self.m.samples.labels(key[0]).inc()
         if len(self.pending[key]) >= self.cfg.segment_requests:
