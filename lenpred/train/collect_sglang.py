@@ -26,6 +26,7 @@ import concurrent.futures as cf
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -122,8 +123,6 @@ def _tail(p: pathlib.Path, n: int = 60) -> str:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    import signal
-
     for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
@@ -229,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     a.sglang_args = extra
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the SGLang server
     t_start = time.time()
     try:
         prompts = []

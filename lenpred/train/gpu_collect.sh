@@ -1,0 +1,48 @@
+#!/bin/bash
+# GPU machine (one H200, gpu-kit environment): collect SmolLM2-135M and Qwen2.5-Coder-0.5B traces
+# with real SGLang 0.5.23 (CUDA graphs) + the lenpred tap, both servers side by side on the GPU.
+#
+#   bash lenpred/train/gpu_collect.sh prep      # once: Qwen GGUF -> bf16 HF checkpoint (~1 min)
+#   bash lenpred/train/gpu_collect.sh collect   # both models, ~4.5 min wall (GEN_S generation each)
+#   bash lenpred/train/gpu_collect.sh ship N    # copy the N-th batch of <= 7 shard files (+ manifest) to $OUT
+#
+# Needs: lenpred installed in $SITE (gpu-kit install.sh with a wheel of this branch), the sm90 shim as
+# sitecustomize.py in $SHIM, SmolLM2 converted at $SMOL (gpu-kit convert.sh), the joined Qwen GGUF at
+# $QWEN_GGUF and the tokenizer files made on the dev box in $QWEN_TOK, the prompt subset at $PROMPTS
+# (python -m lenpred.train.prepare_prompts --out ...). Output: $TRACES/{smollm2,qwen}/shard-*.npz
+# (<= 14 MiB each) + manifest.json + sglang.log.
+set -euo pipefail
+SITE=${SITE:-/root/site}; SHIM=${SHIM:-/root/shim}; PY=${PY:-python3}
+SMOL=${SMOL:-/root/smol}; QWEN=${QWEN:-/root/qwen}; QWEN_GGUF=${QWEN_GGUF:-/root/xfer/qwen.gguf}
+QWEN_TOK=${QWEN_TOK:-$PWD/carry/qwen-tok}; PROMPTS=${PROMPTS:-$PWD/carry/prompts.jsonl}
+TRACES=${TRACES:-/root/traces}; GEN_S=${GEN_S:-150}; CONC=${CONC:-256}
+export PYTHONPATH=$SHIM:$SITE${PYTHONPATH:+:$PYTHONPATH}
+export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+C="$PY -m lenpred.cli collect-sglang --prompts $PROMPTS --samples 4 --temperature 0.7 --top-p 0.95 --max-new-tokens 512 \
+   --max-prompt-tokens 1024 --every 8 --keep-steps 8,16,32,64,128,256 --stride 128 --decode-samples 2 \
+   --concurrency $CONC --max-seconds $GEN_S --mem-fraction 0.35 --shard-mib 14 --device cuda"
+case "${1:-}" in
+  prep)
+    $PY -m lenpred.model.convert "$QWEN_GGUF" "$QWEN" --model-id Qwen/Qwen2.5-Coder-0.5B-Instruct --tokenizer-from "$QWEN_TOK"
+    ;;
+  collect)
+    mkdir -p "$TRACES"
+    t0=$(date +%s)
+    $C --model "$SMOL" --prompt-pass none --port 30123 --out "$TRACES/smollm2" > "$TRACES/smollm2.log" 2>&1 &
+    a=$!
+    $C --model "$QWEN" --prompt-pass ablation --prompt-batch 64 --port 30124 --out "$TRACES/qwen" > "$TRACES/qwen.log" 2>&1 &
+    b=$!
+    ra=0; rb=0; wait $a || ra=$?; wait $b || rb=$?
+    tail -2 "$TRACES/smollm2.log" "$TRACES/qwen.log"
+    echo "collect: smollm2 rc=$ra qwen rc=$rb in $(( $(date +%s) - t0 ))s"; du -sh "$TRACES"/*
+    ;;
+  ship)
+    # batch N (0-based) of all shards, 7 per call, plus both manifests: <= 8 files of <= 16 MiB each
+    n=${2:?batch number}; out=${OUT:?OUT not set}
+    mapfile -t all < <(ls "$TRACES"/smollm2/shard-*.npz "$TRACES"/qwen/shard-*.npz)
+    for f in "${all[@]:$((n * 7)):7}"; do cp "$f" "$out/$(basename "$(dirname "$f")")-$(basename "$f")"; done
+    [ "$n" = 0 ] && for m in smollm2 qwen; do cp "$TRACES/$m/manifest.json" "$out/$m-manifest.json"; done || true
+    echo "ship $n: $(ls "$out" | wc -l) files; ${#all[@]} shards in total ($(( (${#all[@]} + 6) / 7 )) batches)"
+    ;;
+  *) echo "usage: $0 prep | collect | ship N" >&2; exit 2 ;;
+esac
