@@ -190,17 +190,16 @@ def wait_for_learner(store: ModelStore, target: str, tr, fed: int, timeout: floa
         st = store.read("state.json") or {}
         sv = store.read("serving.json") or {}
         if st.get("trained_at_requests", 0) >= fed * 0.98:
-            if not sv or _serving_version(target, tr) == sv.get("version"):
+            if not sv or _served_versions(target, tr) == {sv.get("version")}:
                 return st
         time.sleep(0.5)
     return store.read("state.json") or {}
 
 
-def _serving_version(target: str, tr) -> str | None:
+def _served_versions(target: str, tr) -> set[str]:
     with grpc.insecure_channel(target) as ch:
         info = pb_grpc.LengthPredictorStub(ch).ModelInfo(pb.ModelInfoRequest(), timeout=10)
-    vs = [h.key for h in info.heads if h.key.model_id == tr.model_id and h.key.hidden_size == tr.hidden_size]
-    return max(vs, key=lambda k: k.version).version if vs else None
+    return {h.key.version for h in info.heads if h.key.model_id == tr.model_id and h.key.hidden_size == tr.hidden_size}
 
 
 def throughput(work, tr, heads_dir: str, redis_url: str, learn: dict, seconds: float, threads: int,

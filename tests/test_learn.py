@@ -105,7 +105,7 @@ class Stream:
 
 def learn_cfg(tmp_path, **kw) -> dict:
     return {"dir": str(tmp_path / "store"), "min_finished": 60, "retrain_every": 60, "flush_s": 0.2,
-            "poll_s": 0.2, "segment_requests": 32, "spawn_learner": False, "epochs": 30, "plp_epochs": 5,
+            "poll_s": 0.2, "segment_requests": 32, "spawn_learner": False, "epochs": 200, "plp_epochs": 5,
             "calib_every": 20, "keep_steps": [8, 16, 32], "coverage_band": (0.6, 1.0), **kw}
 
 
