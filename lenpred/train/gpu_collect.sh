@@ -2,6 +2,7 @@
 # GPU machine (one H200, gpu-kit environment): collect SmolLM2-135M and Qwen2.5-Coder-0.5B traces
 # with real SGLang 0.5.23 (CUDA graphs) + the lenpred tap, both servers side by side on the GPU.
 #
+#   bash lenpred/train/gpu_collect.sh carry DIR # DEV BOX: the prompt subset + Qwen tokenizer files (13 MB) to carry
 #   bash lenpred/train/gpu_collect.sh prep      # once: Qwen GGUF -> bf16 HF checkpoint (~1 min)
 #   bash lenpred/train/gpu_collect.sh collect   # both models, ~4.5 min wall (GEN_S generation each)
 #   bash lenpred/train/gpu_collect.sh ship N    # copy the N-th batch of <= 7 shard files (+ manifest) to $OUT
@@ -22,6 +23,13 @@ C="$PY -m lenpred.cli collect-sglang --prompts $PROMPTS --samples 4 --temperatur
    --max-prompt-tokens 1024 --every 8 --keep-steps 8,16,32,64,128,256 --stride 128 --decode-samples 2 \
    --concurrency $CONC --max-seconds $GEN_S --mem-fraction 0.35 --shard-mib 14 --device cuda"
 case "${1:-}" in
+  carry)
+    d=${2:?folder}; mkdir -p "$d/qwen-tok"
+    $PY -m lenpred.train.prepare_prompts --out "$d/prompts.jsonl"
+    q=$($PY -c "from lenpred.model import hf_checkpoint; print(hf_checkpoint(name='qwen2.5-coder-0.5b-instruct'))")
+    cp "$q"/tokenizer.json "$q"/tokenizer_config.json "$q"/chat_template.jinja "$q"/generation_config.json "$d/qwen-tok/"
+    du -sh "$d"
+    ;;
   prep)
     $PY -m lenpred.model.convert "$QWEN_GGUF" "$QWEN" --model-id Qwen/Qwen2.5-Coder-0.5B-Instruct --tokenizer-from "$QWEN_TOK"
     ;;
@@ -44,5 +52,5 @@ case "${1:-}" in
     [ "$n" = 0 ] && for m in smollm2 qwen; do cp "$TRACES/$m/manifest.json" "$out/$m-manifest.json"; done || true
     echo "ship $n: $(ls "$out" | wc -l) files; ${#all[@]} shards in total ($(( (${#all[@]} + 6) / 7 )) batches)"
     ;;
-  *) echo "usage: $0 prep | collect | ship N" >&2; exit 2 ;;
+  *) echo "usage: $0 carry DIR | prep | collect | ship N" >&2; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ Splits come from each request's split group (split.py), never from samples.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pathlib
@@ -246,7 +247,8 @@ class ModelLearner:
 
 
 def run(cfg: LearnConfig, *, once: bool = False, stop_after_s: float | None = None) -> int:
-    """The learner process loop. SIGTERM ends it between steps."""
+    """The learner process loop. SIGTERM ends it between steps. One learner per store: several
+    sidecar (ingest) processes may each start one; the others wait on the store's lock."""
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     import torch
 
@@ -256,6 +258,15 @@ def run(cfg: LearnConfig, *, once: bool = False, stop_after_s: float | None = No
     learners: dict[str, ModelLearner] = {}
     t_end = time.time() + stop_after_s if stop_after_s else None
     pathlib.Path(cfg.dir).mkdir(parents=True, exist_ok=True)
+    lock = open(pathlib.Path(cfg.dir) / "learner.lock", "w")
+    while not stopping["flag"]:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if once:
+                return 0
+            time.sleep(max(cfg.poll_s, 2.0))
     while not stopping["flag"]:
         for st in ModelStore.all(cfg.dir):
             if not st.enabled():
