@@ -440,7 +440,8 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
     for root in cfg.heads:
         registry.load_dir(root)
     metrics = Metrics()
-    learning = Learning(LearnConfig(**cfg.learn), registry, metrics.registry) if cfg.learn else None
+    learning = Learning(LearnConfig(**{"reference_heads": list(cfg.heads), **cfg.learn}), registry,
+                        metrics.registry) if cfg.learn else None
     if not registry.pairs and learning is None:
         log.warning("no heads loaded from %s: every request will be refused as 'unknown model'", cfg.heads)
     store = PredictionStore(cfg.redis_url, cfg.namespace, cfg.ttl_s)

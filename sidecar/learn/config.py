@@ -47,6 +47,9 @@ class LearnConfig(BaseModel):
     """How often the learner looks for new data and the sidecar for new heads/calibration."""
     live_window: int = Field(500, ge=10)
     """Finished requests behind the live MAE / coverage gauges."""
+    reference_heads: list[str] = Field(default_factory=list)
+    """Head folders the sidecar loaded (shipped heads): a model that has one is served by it until
+    a learned candidate beats it on the live test slice (the sidecar fills this in)."""
     spawn_learner: bool = True
     """Start the learner process with the sidecar (False: run `lenpred learn run` yourself)."""
 

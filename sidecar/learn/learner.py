@@ -96,12 +96,30 @@ class ModelLearner:
     def serving(self) -> dict | None:
         return self.st.read("serving.json")
 
+    def reference_heads(self) -> dict:
+        """The sidecar's own (shipped) heads for this model, when it has any: what a first learned
+        candidate must beat."""
+        from lenpred.sidecar.heads import load_head
+
+        found = {}
+        for root in self.cfg.reference_heads:
+            for f in sorted(pathlib.Path(root).rglob("*.safetensors")):
+                try:
+                    h = load_head(f)
+                except (ValueError, OSError):
+                    continue
+                m = h.meta
+                if (m.model_id, m.hidden_size, m.layer) == (self.st.model_id, self.st.hidden_size, self.st.layer) \
+                        and m.kind in ("last", "plp"):
+                    found[m.kind] = h
+        return found if "last" in found else {}
+
     def serving_heads(self) -> dict:
         from lenpred.sidecar.heads import load_head
 
         sv = self.serving()
         if not sv:
-            return {}
+            return self.reference_heads()
         d = self.st.heads / sv["version"]
         heads = {k: load_head(d / f"{k}.safetensors") for k in ("last", "plp") if (d / f"{k}.safetensors").exists()}
         for k, h in heads.items():  # the sidecar serves the live calibration, so evaluate with it
@@ -157,7 +175,7 @@ class ModelLearner:
         cs["plp_mae_by_tokens"] = plp_scores(cand["plp"], tr, R["test"])
         serving = self.serving_heads()
         if serving.get("last") is not None:
-            ref_name = f"serving {self.serving()['version']}"
+            ref_name = f"serving {serving['last'].meta.version}"
             ss = prefill_scores(serving["last"], tr, R["test"])
             ref_mae = ss["mae"]
         else:
