@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{a.port}"
     log_path = out / "sglang.log"
     proc = launch(a, ckpt, model_id, ts.target, log_path)
-    stats = {"http_len_mismatch": 0, "incomplete_prompts": 0, "generated_tokens": 0}
+    stats = {"http_len_mismatch": 0, "incomplete_prompts": 0, "generated_tokens": 0, "http_errors": 0}
     try:
         startup = wait_health(url, proc, log_path, a.startup_timeout)
         print(f"SGLang healthy after {startup:.0f}s", flush=True)
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         http_len: dict[str, int] = {}
         ready: list[int] = []
         next_p = 0
+        futs_rid: dict = {}
         with cf.ThreadPoolExecutor(a.concurrency) as ex:
             futs = set()
 
@@ -317,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                        and (a.max_seconds is None or time.time() - t_gen < a.max_seconds)):
                     pending[next_p] = a.samples
                     for k in range(a.samples):
-                        futs.add(ex.submit(generate, url, f"c{next_p}-{k}", enc[next_p], sp))
+                        f = ex.submit(generate, url, f"c{next_p}-{k}", enc[next_p], sp)
+                        futs.add(f)
+                        futs_rid[f] = f"c{next_p}-{k}"
                     next_p += 1
 
             def drain_ready(final=False):
@@ -329,13 +332,14 @@ def main(argv: list[str] | None = None) -> int:
                         still.append(i)
                         continue
                     traces = [ts.pop(r) for r in rids]
+                    failed = any(http_len.get(r, -1) < 0 for r in rids)
                     for r, t in zip(rids, traces):
-                        if t is not None and t.done and t.output_tokens != http_len.get(r):
+                        if t is not None and t.done and http_len.get(r, -1) >= 0 and t.output_tokens != http_len[r]:
                             stats["http_len_mismatch"] += 1
                     if writer is None and ts.hidden_size:
                         manifest["hidden_size"] = ts.hidden_size
                         writer = ShardWriter(out, int(a.shard_mib * (1 << 20)), manifest)
-                    rec = assemble(prompts[i], enc[i], traces, feats, i, ts.hidden_size) if writer else None
+                    rec = assemble(prompts[i], enc[i], traces, feats, i, ts.hidden_size) if writer and not failed else None
                     if rec is None:
                         stats["incomplete_prompts"] += 1
                     else:
@@ -348,9 +352,18 @@ def main(argv: list[str] | None = None) -> int:
                 done, _ = cf.wait(futs, timeout=1.0, return_when=cf.FIRST_COMPLETED)
                 for f in done:
                     futs.discard(f)
-                    rid, n, _reason = f.result()
+                    try:
+                        rid, n, _reason = f.result()
+                    except (OSError, ValueError, KeyError) as e:  # one failed request drops its prompt
+                        rid, n = futs_rid.pop(f), -1
+                        stats["http_errors"] += 1
+                        if stats["http_errors"] <= 3:
+                            print(f"  request {rid} failed: {e}", flush=True)
+                        if proc.poll() is not None:
+                            raise RuntimeError(f"SGLang exited with {proc.returncode}:\n{_tail(log_path)}") from e
+                    futs_rid.pop(f, None)
                     http_len[rid] = n
-                    stats["generated_tokens"] += n
+                    stats["generated_tokens"] += max(n, 0)
                     p = int(rid[1:].split("-")[0])
                     pending[p] -= 1
                     if pending[p] == 0:

@@ -3,6 +3,8 @@
 # with real SGLang 0.5.23 (CUDA graphs) + the lenpred tap, both servers side by side on the GPU.
 #
 #   bash lenpred/train/gpu_collect.sh carry DIR # DEV BOX: the prompt subset + Qwen tokenizer files (13 MB) to carry
+#   bash lenpred/train/gpu_collect.sh split-gguf DIR  # DEV BOX: the joined Qwen GGUF in 60 MiB pieces (one per call)
+#   bash lenpred/train/gpu_collect.sh join DIR  # GPU: pieces (in name order) -> $QWEN_GGUF, size + sha256 checked
 #   bash lenpred/train/gpu_collect.sh prep      # once: Qwen GGUF -> bf16 HF checkpoint (~1 min)
 #   bash lenpred/train/gpu_collect.sh collect   # both models, ~4.5 min wall (GEN_S generation each)
 #   bash lenpred/train/gpu_collect.sh ship N    # copy the N-th batch of <= 7 shard files (+ manifest) to $OUT
@@ -30,6 +32,16 @@ case "${1:-}" in
     cp "$q"/tokenizer.json "$q"/tokenizer_config.json "$q"/chat_template.jinja "$q"/generation_config.json "$d/qwen-tok/"
     du -sh "$d"
     ;;
+  split-gguf)
+    d=${2:?folder}; mkdir -p "$d"
+    g=$($PY -c "from lenpred.model import gguf_path; print(gguf_path('qwen2.5-coder-0.5b-instruct'))")
+    split -b 60M -d -a 2 "$g" "$d/qwen.gguf.part-" && ls -l "$d"
+    ;;
+  join)
+    d=${2:?folder}; cat $(ls "$d"/qwen.gguf.part-* | sort) > "$QWEN_GGUF"
+    echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  $QWEN_GGUF" | sha256sum -c - \
+      && [ "$(stat -c %s "$QWEN_GGUF")" = 491400064 ] || { echo "JOIN: Qwen GGUF incomplete or corrupt"; exit 1; }
+    ;;
   prep)
     $PY -m lenpred.model.convert "$QWEN_GGUF" "$QWEN" --model-id Qwen/Qwen2.5-Coder-0.5B-Instruct --tokenizer-from "$QWEN_TOK"
     ;;
@@ -52,5 +64,5 @@ case "${1:-}" in
     [ "$n" = 0 ] && for m in smollm2 qwen; do cp "$TRACES/$m/manifest.json" "$out/$m-manifest.json"; done || true
     echo "ship $n: $(ls "$out" | wc -l) files; ${#all[@]} shards in total ($(( (${#all[@]} + 6) / 7 )) batches)"
     ;;
-  *) echo "usage: $0 carry DIR | prep | collect | ship N" >&2; exit 2 ;;
+  *) echo "usage: $0 carry DIR | split-gguf DIR | join DIR | prep | collect | ship N" >&2; exit 2 ;;
 esac
