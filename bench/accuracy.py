@@ -46,13 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from lenpred.train import collect
+    from lenpred.train.evaluate import default_baselines
     from lenpred.train.data import load, request_rows
     from lenpred.train.evaluate import evaluate, load_predictors, write_report
     from lenpred.train.prompts import PromptFileError, load_prompts
 
     root = pathlib.Path(__file__).resolve().parents[1]
     heads = a.heads or str(root / "sidecar" / "heads" / "smollm2-135m-instruct")
-    bdir = a.baselines or str(root / "lenpred" / "train" / "baselines" / pathlib.Path(heads).name)
+    bdir = a.baselines or default_baselines(heads)
     if bool(a.prompts) == bool(a.data):
         print("lenpred bench accuracy: pass --prompts (collect) or --data (existing traces)", file=sys.stderr)
         return 2

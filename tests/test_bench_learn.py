@@ -55,3 +55,23 @@ def test_bench_learn_cold_start_replay(tmp_path):
     assert r["curve"][-1]["head_version"].startswith("online-") and r["first_served_at"] == 120
     assert len(r["promotions"]) >= 1 and r["ingest"]["rejected"] == 0
     assert out.with_suffix(".md").exists()
+
+
+def test_train_then_bench_accuracy_on_existing_traces(tmp_path):
+    """The Qwen table's path: `lenpred train` on collected shards, then `lenpred bench accuracy --data`
+    on the heads' test split (noise floor, served head vs text baselines, PLP vs the served static head)."""
+    from lenpred.bench import accuracy
+    from lenpred.train import train
+
+    data = write_traces(tmp_path / "traces", n_prompts=120, k=3)
+    heads = tmp_path / "heads"
+    assert train.main(["--data", str(data), "--out", str(heads), "--report", str(tmp_path / "rep"), "--epochs", "60",
+                       "--plp-epochs", "5", "--skip", "proxy-minilm"]) == 0
+    out = tmp_path / "acc.json"
+    assert accuracy.main(["--data", str(data), "--heads", str(heads), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert {"egtp", "last-token-head", "const-median", "prompt-length"} <= set(r["methods"])
+    assert r["noise_floor"]["n"] == r["n_requests"] and r["noise_floor"]["loo_median_mae"] >= 0
+    assert r["served_vs_text_baselines"]["served"] in ("egtp", "last-token-head")
+    assert set(r["plp"]["ratio_to_served_static_by_tokens"]) >= {"0", "8", "16"}
+    assert r["split_file"].endswith("split.json") and out.with_suffix(".md").exists()

@@ -155,7 +155,8 @@ def evaluate(tr, req_rows: np.ndarray, preds: dict, *, timing: bool = True, log=
         best = min(text, key=text.get)
         rep["served_vs_text_baselines"] = {
             "served": served, "served_mae": rep["methods"][served]["mae"], "best_text_baseline": best,
-            "best_text_baseline_mae": text[best], "reduction": 1 - rep["methods"][served]["mae"] / text[best]}
+            "best_text_baseline_mae": text[best],
+            "reduction": 1 - rep["methods"][served]["mae"] / text[best] if text[best] > 0 else float("nan")}
     rep["noise_floor"] = noise_floor(tr, req_rows)
     # ---- PLP: remaining length vs tokens decoded, against the static EGTP prediction
     plp = [p for p in preds.values() if p.target == "remaining"]
