@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import tempfile
 import threading
@@ -167,16 +168,24 @@ def scrape(url: str, names: tuple[str, ...]) -> dict:
 # ------------------------------------------------------------------------------ sidecar
 class Sidecar:
     def __init__(self, work: pathlib.Path, name: str, heads: str, redis_url: str, learn: dict | None, threads: int):
-        self.port, self.mport = free_port(), free_port()
-        args = ["sidecar", "--port", str(self.port), "--metrics-port", str(self.mport), "--heads", heads,
-                "--device", "cpu", "--threads", str(threads), "--redis-url", redis_url,
-                "--max-message-bytes", str(32 << 20), "--log-level", "WARNING"]
-        if learn:
-            args += ["--learn-dir", learn["dir"], "--learn-config", json.dumps({k: v for k, v in learn.items() if k != "dir"})]
-        self.child = spawn(name, lenpred_argv(*args), work)
-        self.target = f"127.0.0.1:{self.port}"
-        self.metrics = f"http://127.0.0.1:{self.mport}/metrics"
-        wait_grpc(self.child, self.target, 120)
+        for attempt in range(3):  # a free port can be taken by someone else before the sidecar binds it
+            self.port, self.mport = free_port(), free_port()
+            args = ["sidecar", "--port", str(self.port), "--metrics-port", str(self.mport), "--heads", heads,
+                    "--device", "cpu", "--threads", str(threads), "--redis-url", redis_url,
+                    "--max-message-bytes", str(32 << 20), "--log-level", "WARNING"]
+            if learn:
+                args += ["--learn-dir", learn["dir"], "--learn-config",
+                         json.dumps({k: v for k, v in learn.items() if k != "dir"})]
+            self.child = spawn(name, lenpred_argv(*args), work)
+            self.target = f"127.0.0.1:{self.port}"
+            self.metrics = f"http://127.0.0.1:{self.mport}/metrics"
+            try:
+                wait_grpc(self.child, self.target, 120)
+                return
+            except RuntimeError:
+                self.child.stop()
+                if attempt == 2:
+                    raise
 
     def stop(self) -> None:
         self.child.stop()
@@ -204,13 +213,14 @@ def _served_versions(target: str, tr) -> set[str]:
 
 def throughput(work, tr, heads_dir: str, redis_url: str, learn: dict, seconds: float, threads: int,
                n_requests: int) -> dict:
-    """Ingest rows/s with learning off vs on, same traffic, alternating rounds."""
+    """Ingest rows/s with learning off, recording only (the in-process hook + recorder thread, no
+    learner), and on (recorder + learner process), same traffic, alternating rounds."""
     rep = Replay(tr, group=32, limit=n_requests)
-    msgs = list(rep.messages())
-    res = {"off": [], "on": []}
+    msgs = [b for _, b in rep.messages()]
+    res = {"off": [], "record": [], "on": []}
     for rnd in range(2):
-        for mode in ("off", "on"):
-            lcfg = dict(learn, dir=str(work / f"tp-{mode}-{rnd}"), spawn_learner=True) if mode == "on" else None
+        for mode in ("off", "record", "on"):
+            lcfg = dict(learn, dir=str(work / f"tp-{mode}-{rnd}"), spawn_learner=mode == "on") if mode != "off" else None
             sc = Sidecar(work, f"tp-{mode}-{rnd}", heads_dir, redis_url, lcfg, threads)
             try:
                 rows, t0 = 0, time.time()
@@ -220,9 +230,12 @@ def throughput(work, tr, heads_dir: str, redis_url: str, learn: dict, seconds: f
                 res[mode].append(rows / (time.time() - t0))
             finally:
                 sc.stop()
-    off, on = float(np.median(res["off"])), float(np.median(res["on"]))
-    return {"rows_per_s_off": off, "rows_per_s_on": on, "ratio_on_off": on / off, "rounds": res,
-            "seconds_per_round": seconds, "note": "learner process running during the 'on' rounds"}
+    off, on, recd = (float(np.median(res[k])) for k in ("off", "on", "record"))
+    return {"rows_per_s_off": off, "rows_per_s_on": on, "ratio_on_off": on / off, "rows_per_s_record": recd,
+            "ratio_record_off": recd / off, "rounds": res, "seconds_per_round": seconds,
+            "cpus": os.cpu_count(),
+            "note": "record = the sidecar's hook and recorder thread only; on = the same plus the learner "
+                    "process training beside it (on a machine with spare cores the learner runs on its own)"}
 
 
 # ------------------------------------------------------------------------------ main
@@ -239,11 +252,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-sync", action="store_true", help="don't wait for the learner at retrain points")
     ap.add_argument("--sync-timeout", type=float, default=900)
     ap.add_argument("--throughput-seconds", type=float, default=0, help="0 = skip the learning on/off throughput")
+    ap.add_argument("--throughput-only", action="store_true", help="skip the replay, measure throughput only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from lenpred.sidecar.heads import save_head
     from lenpred.train.data import load, request_rows, split_by_prompt
 
     t_start = time.time()
@@ -264,6 +277,24 @@ def main(argv: list[str]) -> int:
     off = offline_head(tr, cfg, R)
     print(f"offline head: test MAE {off['mae']:.1f}, p90 coverage {off['p90_coverage']:.3f} ({off['train_s']}s)", flush=True)
     redis = RedisServer.start()
+    try:
+        return _run(a, argv, tr, work, learn, cfg, R, rep, test, off, redis, t_start)
+    finally:
+        redis.stop()
+
+
+def _run(a, argv, tr, work, learn, cfg, R, rep, test, off, redis, t_start) -> int:
+    from lenpred.sidecar.heads import save_head
+
+    if a.throughput_only:
+        hd = work / "offline-heads"
+        hd.mkdir(exist_ok=True)
+        for k, h in off["heads"].items():
+            save_head(h, hd / f"{k}.safetensors")
+        tp = throughput(work, tr, str(hd), redis.url, learn, a.throughput_seconds or 15, a.threads, min(len(rep.order), 2000))
+        print(json.dumps({k: v for k, v in tp.items() if k != "rounds"}), flush=True)
+        return 0
+
     empty = work / "no-heads"
     empty.mkdir(exist_ok=True)
     curve, t_replay = [], time.time()
@@ -302,9 +333,8 @@ def main(argv: list[str]) -> int:
             h.meta.model_id = tr.model_id
             save_head(h, hd / f"{k}.safetensors")
         tp = throughput(work, tr, str(hd), redis.url, learn, a.throughput_seconds, a.threads, min(n, 2000))
-        print(f"throughput: learning off {tp['rows_per_s_off']:.0f} rows/s, on {tp['rows_per_s_on']:.0f} "
-              f"({tp['ratio_on_off']:.3f}x)", flush=True)
-    redis.stop()
+        print(f"throughput: learning off {tp['rows_per_s_off']:.0f} rows/s, recording {tp['rows_per_s_record']:.0f} "
+              f"({tp['ratio_record_off']:.3f}x), on {tp['rows_per_s_on']:.0f} ({tp['ratio_on_off']:.3f}x)", flush=True)
     served = [c for c in curve if c["mae"] is not None]
     first = served[0]["finished"] if served else None
     end = curve[-1] if curve else {}
@@ -345,8 +375,9 @@ def markdown(r: dict) -> str:
                  f"{f(c['live_p90_coverage'], 3)} | {c['head_version'] or '– (router fallback)'} |")
     if r.get("throughput"):
         t = r["throughput"]
-        L += ["", f"Ingest throughput, same traffic: learning off {t['rows_per_s_off']:.0f} rows/s, on "
-                  f"{t['rows_per_s_on']:.0f} rows/s ({t['ratio_on_off']:.3f}×)."]
+        L += ["", f"Ingest throughput, same traffic ({t['cpus']} CPUs): learning off {t['rows_per_s_off']:.0f} rows/s; "
+                  f"recording (hook + recorder thread) {t['rows_per_s_record']:.0f} rows/s ({t['ratio_record_off']:.3f}×); "
+                  f"recording + learner process {t['rows_per_s_on']:.0f} rows/s ({t['ratio_on_off']:.3f}×)."]
     return "\n".join(L) + "\n"
 
 

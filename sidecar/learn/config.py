@@ -17,10 +17,12 @@ class LearnConfig(BaseModel):
     """...or after this long, when anything new arrived."""
     max_requests: int = Field(20_000, ge=100)
     """Disk bound per model: the oldest segments are deleted beyond this many requests."""
-    max_inflight: int = Field(50_000, ge=10)
-    """Memory bound: requests waiting for their finished event (oldest dropped first)."""
-    queue: int = Field(20_000, ge=10)
-    """Hook calls buffered for the recorder thread; beyond it calls are dropped and counted."""
+    max_inflight: int = Field(20_000, ge=10)
+    """Memory bound: requests waiting for their finished event (oldest dropped first); each holds
+    its prompt vectors and kept decode states (d=4096: ~8 KB + 8 KB per kept step)."""
+    queue: int = Field(4096, ge=10)
+    """Hook calls buffered for the recorder thread (each holds one message's rows); beyond it
+    calls are dropped and counted."""
     segment_requests: int = Field(256, ge=1)
     """A segment file is written per this many finished requests..."""
     flush_s: float = Field(5.0, gt=0)
@@ -43,6 +45,8 @@ class LearnConfig(BaseModel):
     plp_epochs: int = Field(25, ge=1)
     threads: int = Field(1, ge=1)
     """torch threads of the learner process (its own budget, apart from the sidecar's)."""
+    learner_nice: int = Field(10, ge=0, le=19)
+    """The learner process runs at this nice level, so training yields the CPU to ingest."""
     poll_s: float = Field(1.0, gt=0)
     """How often the learner looks for new data and the sidecar for new heads/calibration."""
     live_window: int = Field(500, ge=10)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
@@ -105,9 +106,10 @@ class Learning:
             self.m.learner_restarts.inc()
             log.error("learner process exited with %s; restarting (%d)", self.proc.returncode, self.restarts)
         self._next_start = now + min(60.0, 2.0 ** min(self.restarts, 6))
+        nice = self.cfg.learner_nice
         self.proc = subprocess.Popen([sys.executable, "-m", "lenpred.cli", "learn", "run", "--config-json",
                                       self.cfg.model_dump_json()], stdin=subprocess.DEVNULL,
-                                     env=_learner_env(self.cfg.threads))
+                                     env=_learner_env(self.cfg.threads), preexec_fn=lambda: os.nice(nice))
 
     # ------------------------------------------------------------------ hot swap
     async def _watch(self) -> None:
@@ -206,6 +208,4 @@ class Learning:
 
 
 def _learner_env(threads: int) -> dict:
-    import os
-
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
