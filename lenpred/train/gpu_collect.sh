@@ -8,6 +8,7 @@
 #   bash lenpred/train/gpu_collect.sh prep      # once: Qwen GGUF -> bf16 HF checkpoint (~1 min)
 #   bash lenpred/train/gpu_collect.sh collect   # both models, ~4.5 min wall (GEN_S generation each)
 #   bash lenpred/train/gpu_collect.sh ship N    # copy the N-th batch of <= 7 shard files (+ manifest) to $OUT
+#   bash lenpred/train/gpu_collect.sh unship FILES DEST  # DEV BOX: shipped files -> DEST/{smollm2,qwen}/shard-*.npz
 #
 # Needs: lenpred installed in $SITE (gpu-kit install.sh with a wheel of this branch), the sm90 shim as
 # sitecustomize.py in $SHIM, SmolLM2 converted at $SMOL (gpu-kit convert.sh), the joined Qwen GGUF at
@@ -17,7 +18,7 @@
 set -euo pipefail
 SITE=${SITE:-/root/site}; SHIM=${SHIM:-/root/shim}; PY=${PY:-python3}
 SMOL=${SMOL:-/root/smol}; QWEN=${QWEN:-/root/qwen}; QWEN_GGUF=${QWEN_GGUF:-/root/xfer/qwen.gguf}
-QWEN_TOK=${QWEN_TOK:-$PWD/carry/qwen-tok}; PROMPTS=${PROMPTS:-$PWD/carry/prompts.jsonl}
+QWEN_TOK=${QWEN_TOK:-$PWD/runs/carry/qwen-tok}; PROMPTS=${PROMPTS:-$PWD/runs/carry/prompts.jsonl}
 TRACES=${TRACES:-/root/traces}; GEN_S=${GEN_S:-150}; CONC=${CONC:-256}
 export PYTHONPATH=$SHIM:$SITE${PYTHONPATH:+:$PYTHONPATH}
 export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -64,5 +65,14 @@ case "${1:-}" in
     [ "$n" = 0 ] && for m in smollm2 qwen; do cp "$TRACES/$m/manifest.json" "$out/$m-manifest.json"; done || true
     echo "ship $n: $(ls "$out" | wc -l) files; ${#all[@]} shards in total ($(( (${#all[@]} + 6) / 7 )) batches)"
     ;;
-  *) echo "usage: $0 carry DIR | split-gguf DIR | join DIR | prep | collect | ship N" >&2; exit 2 ;;
+  unship)
+    src=${2:?files folder}; dest=${3:?destination}
+    for m in smollm2 qwen; do
+      mkdir -p "$dest/$m"
+      for f in "$src"/$m-shard-*.npz; do [ -e "$f" ] && cp "$f" "$dest/$m/${f##*/$m-}"; done
+      [ -e "$src/$m-manifest.json" ] && cp "$src/$m-manifest.json" "$dest/$m/manifest.json"
+    done
+    ls -l "$dest"/*
+    ;;
+  *) echo "usage: $0 carry DIR | split-gguf DIR | join DIR | prep | collect | ship N | unship FILES DEST" >&2; exit 2 ;;
 esac
