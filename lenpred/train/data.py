@@ -1,6 +1,7 @@
 """Loading collected shards, the data hash, and the split by prompt."""
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import pathlib
@@ -160,3 +161,28 @@ def request_rows(tr: Traces, prompt_rows: np.ndarray) -> np.ndarray:
 
 def decode_rows(tr: Traces, req_rows: np.ndarray) -> np.ndarray:
     return np.nonzero(np.isin(tr.dec_req, req_rows))[0]
+
+
+def step_buckets(dec_req: np.ndarray, dec_step: np.ndarray, targets) -> np.ndarray:
+    """For each decode row, the target step it stands for: the largest target t <= its step, for
+    the first row of each (request, t) only; -1 for the others. The engine tap samples every k-th
+    *engine* step, so a request's states sit at t..t+k-1 rather than at t exactly; a collection
+    that recorded exact steps maps each row to itself."""
+    tg = np.asarray(sorted(targets), np.int64)
+    step = np.asarray(dec_step, np.int64)
+    i = np.searchsorted(tg, step, side="right") - 1
+    b = np.where(i >= 0, tg[np.clip(i, 0, len(tg) - 1)], -1)
+    order = np.lexsort((step, b, np.asarray(dec_req)))
+    first = np.ones(len(step), bool)
+    key = np.stack([np.asarray(dec_req)[order], b[order]], 1)
+    first[1:] = (key[1:] != key[:-1]).any(1)
+    out = np.full(len(step), -1, np.int64)
+    out[order[first]] = b[order[first]]
+    return out
+
+
+def target_step(step: int, targets_sorted: list[int]) -> int | None:
+    """The largest target <= step (None if step is before the first): which kept step a decode
+    state stands for while recording (see step_buckets)."""
+    i = bisect.bisect_right(targets_sorted, step) - 1
+    return targets_sorted[i] if i >= 0 else None

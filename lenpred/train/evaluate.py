@@ -50,16 +50,22 @@ def features(tr, req_rows: np.ndarray, need_minilm: bool) -> dict[str, np.ndarra
 def plp_rows(tr, req_rows: np.ndarray, steps=None, prompt: str = "pooled"):
     """PLP inputs [h_prompt ; h_t] and remaining-length targets: step-0 rows (h_t = the prompt's
     last-token state) for every request, then every recorded decode state of these requests.
-    `prompt` picks h_prompt: the entropy pool ("pooled") or the last prompt token's state ("last")."""
-    from lenpred.train.data import decode_rows
+    `prompt` picks h_prompt: the entropy pool ("pooled") or the last prompt token's state ("last").
+    With `steps`, only the first state at or after each of these steps (before the next) is kept,
+    and `bucket` says which step it stands for (data.step_buckets); targets use the actual step.
+    Returns X, y, step, reqs, bucket."""
+    from lenpred.train.data import decode_rows, step_buckets
 
     hp = {"pooled": tr.pooled, "last": tr.last}[prompt]
     pr = tr.req_prompt[req_rows]
     X0 = np.concatenate([hp[pr], tr.last[pr]], 1)
     y0 = tr.length[req_rows].astype(np.float32)
     d = decode_rows(tr, req_rows)
+    bucket = tr.dec_step[d].astype(np.int64)
     if steps is not None:
-        d = d[np.isin(tr.dec_step[d], steps)]
+        bucket = step_buckets(tr.dec_req[d], tr.dec_step[d], steps)
+        keep = bucket >= 0
+        d, bucket = d[keep], bucket[keep]
     req = tr.dec_req[d]
     X1 = np.concatenate([hp[tr.req_prompt[req]], tr.dec_vec[d]], 1)
     y1 = (tr.length[req] - tr.dec_step[d]).astype(np.float32)
@@ -67,7 +73,7 @@ def plp_rows(tr, req_rows: np.ndarray, steps=None, prompt: str = "pooled"):
     y = np.concatenate([y0, y1])
     step = np.concatenate([np.zeros(len(req_rows), np.int32), tr.dec_step[d]])
     reqs = np.concatenate([req_rows, req])
-    return X, y, step, reqs
+    return X, y, step, reqs, np.concatenate([np.zeros(len(req_rows), np.int64), bucket])
 
 
 TEXT_BASELINES = ("proxy-minilm", "prompt-length", "const-median", "const-mean")
@@ -162,7 +168,7 @@ def evaluate(tr, req_rows: np.ndarray, preds: dict, *, timing: bool = True, log=
     plp = [p for p in preds.values() if p.target == "remaining"]
     if plp and "egtp" in outputs:
         p = plp[0]
-        X, yr, step, reqs = plp_rows(tr, req_rows, steps=[t for t in TOKENS if t > 0],
+        X, yr, step, reqs, bucket = plp_rows(tr, req_rows, steps=[t for t in TOKENS if t > 0],
                                      prompt=p.input.split("+")[0])
         o = p.predict(X)
         pos = {int(r): i for i, r in enumerate(req_rows)}
@@ -171,24 +177,25 @@ def evaluate(tr, req_rows: np.ndarray, preds: dict, *, timing: bool = True, log=
         static = np.maximum(np.minimum(eg, capr) - step, 0)
         by, st, n, cov = {}, {}, {}, {}
         for t in TOKENS:
-            m = step == t
+            m = bucket == t
             if not m.any():
                 continue
-            rem_cap = capr[m] - t
+            rem_cap = capr[m] - step[m]
             by[str(t)] = float(np.abs(np.minimum(o["point"][m], rem_cap) - yr[m]).mean())
             st[str(t)] = float(np.abs(static[m] - yr[m]).mean())
             cov[str(t)] = float((yr[m] <= np.minimum(o["p90"][m], rem_cap) + 1e-6).mean())
             n[str(t)] = int(m.sum())
         sv = outputs[served]["point"][[pos[int(r)] for r in reqs]] if served else eg
         served_static = np.maximum(np.minimum(sv, capr) - step, 0)
-        sst = {str(t): float(np.abs(served_static[step == t] - yr[step == t]).mean()) for t in TOKENS if (step == t).any()}
+        sst = {str(t): float(np.abs(served_static[bucket == t] - yr[bucket == t]).mean()) for t in TOKENS if (bucket == t).any()}
         rep["plp"] = {"mae_by_tokens": by, "static_mae_by_tokens": st, "p90_coverage_by_tokens": cov,
                       "served_static": served, "served_static_mae_by_tokens": sst,
                       "ratio_to_served_static_by_tokens": {k: by[k] / sst[k] for k in by if sst.get(k)},
                       "n_by_tokens": n, "params": int(p.params),
                       "ratio_by_tokens": {k: by[k] / st[k] for k in by if st.get(k)},
-                      "note": "rows at step t are the requests still running after t tokens; static = "
-                              "max(EGTP point - t, 0); step 0 uses [h_prompt ; h_last_prompt_token]"}
+                      "note": "rows at t are the requests still running after t tokens, each at its first recorded "
+                              "state at or after t (the engine tap samples every k engine steps); static = "
+                              "max(EGTP point - step, 0); step 0 uses [h_prompt ; h_last_prompt_token]"}
         if timing:
             rep["plp"]["us_per_pred_b1"] = round(time_predictor(p, X, 1), 2)
             rep["plp"]["us_per_pred_b256"] = round(time_predictor(p, X, 256), 3)

@@ -20,6 +20,7 @@ import numpy as np
 from lenpred.contract import wire
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
+from lenpred.train.data import target_step
 
 
 @dataclass
@@ -30,7 +31,8 @@ class RequestTrace:
     entropy_mean: float = 0.0
     max_new_tokens: int = 0
     prefill_seq: int = -1
-    decode: dict[int, np.ndarray] = field(default_factory=dict)  # step -> [d] float16
+    decode: dict[int, np.ndarray] = field(default_factory=dict)  # actual step -> [d] float16
+    filled: set = field(default_factory=set)                      # kept target steps already stored
     output_tokens: int = -1
     truncated: bool = False
     aborted: bool = False
@@ -52,10 +54,12 @@ class _Servicer(pb_grpc.LengthPredictorServicer):
 
 
 class TraceServer:
-    """keep_steps: decode steps to keep; want_decode(rid) -> bool: whose decode states to keep."""
+    """keep_steps: for each of these steps, the first decode state at or after it (before the next
+    one) is kept, under its actual step (the tap samples every k-th engine step, so a request's
+    states need not sit on multiples of k); want_decode(rid) -> bool: whose decode states to keep."""
 
     def __init__(self, keep_steps: set[int], want_decode=lambda rid: True, port: int = 0, host: str = "127.0.0.1"):
-        self.keep_steps = set(keep_steps)
+        self.keep_steps = sorted(set(keep_steps))
         self.want_decode = want_decode
         self.reqs: dict[str, RequestTrace] = {}
         self.model_id = ""
@@ -78,7 +82,7 @@ class TraceServer:
         pooled = wire.decode(pre.vectors).numpy().astype(np.float16) if pre.HasField("vectors") else None
         last = wire.decode(pre.last_vectors).numpy().astype(np.float16) if pre.HasField("last_vectors") else None
         dec_keep = [i for i, (rid, s) in enumerate(zip(b.decode.rids, b.decode.steps))
-                    if s in self.keep_steps and self.want_decode(rid)]
+                    if target_step(s, self.keep_steps) is not None and self.want_decode(rid)]
         dvec = wire.decode(b.decode.vectors).numpy().astype(np.float16) if dec_keep else None
         with self._lock:
             self.messages += 1
@@ -93,7 +97,12 @@ class TraceServer:
                 t.max_new_tokens = int(pre.max_new_tokens[i]) if pre.max_new_tokens else 0
                 t.prefill_seq = next(self._seq)
             for i in dec_keep:
-                self.reqs.setdefault(b.decode.rids[i], RequestTrace()).decode[int(b.decode.steps[i])] = dvec[i]
+                t = self.reqs.setdefault(b.decode.rids[i], RequestTrace())
+                step = int(b.decode.steps[i])
+                tgt = target_step(step, self.keep_steps)
+                if tgt not in t.filled:
+                    t.filled.add(tgt)
+                    t.decode[step] = dvec[i]
             for f in b.finished:
                 t = self.reqs.setdefault(f.rid, RequestTrace())
                 t.output_tokens, t.truncated, t.aborted = int(f.output_tokens), bool(f.truncated), bool(f.aborted)

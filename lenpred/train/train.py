@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     egtp = head("egtp", "pooled", dest=out / "egtp.safetensors")
 
     # ---- PLP: [h_prompt ; h_t] -> remaining
-    Xp, yp, _, _ = plp_rows(tr, R["train"], prompt=a.plp_prompt)
-    Xpv, ypv, _, _ = plp_rows(tr, R["val"], prompt=a.plp_prompt)
+    Xp, yp, *_ = plp_rows(tr, R["train"], prompt=a.plp_prompt)
+    Xpv, ypv, *_ = plp_rows(tr, R["val"], prompt=a.plp_prompt)
     print(f"  PLP rows: train {len(yp)}, val {len(ypv)} (h_prompt = {a.plp_prompt})", flush=True)
     plp = head("plp", f"{a.plp_prompt}+decode", kind="plp", X=Xp, Y=yp, Xv=Xpv, Yv=ypv, epochs=a.plp_epochs,
                dest=out / "plp.safetensors", prompt_feature=a.plp_prompt)
@@ -171,8 +171,8 @@ def fit_served(tr, R: dict, *, version: str, cap: int, kinds=("last", "plp"), pl
     out = {}
     for kind in kinds:
         if kind == "plp":
-            X, Y, _, _ = plp_rows(tr, R["train"], prompt=plp_prompt)
-            Xv, Yv, _, _ = plp_rows(tr, R["val"], prompt=plp_prompt)
+            X, Y, *_ = plp_rows(tr, R["train"], prompt=plp_prompt)
+            Xv, Yv, *_ = plp_rows(tr, R["val"], prompt=plp_prompt)
             capv, ep, inp, pf = None, plp_epochs, f"{plp_prompt}+decode", plp_prompt
         else:
             X = features(tr, R["train"], False)[feat[kind]]

@@ -60,14 +60,14 @@ def plp_scores(head, tr, rows, tokens=(0, 8, 16, 32, 64, 128)) -> dict:
     from lenpred.train import models
     from lenpred.train.evaluate import plp_rows
 
-    X, y, step, reqs = plp_rows(tr, rows, prompt=head.meta.prompt_feature)
+    X, y, step, reqs, bucket = plp_rows(tr, rows, steps=[t for t in tokens if t > 0], prompt=head.meta.prompt_feature)
     if len(y) == 0:
         return {}
     o = models.head_predict(head, X)
     rem_cap = tr.cap[reqs] - step
     out = {}
     for t in tokens:
-        m = step == t
+        m = bucket == t
         if m.any():
             out[str(t)] = {"n": int(m.sum()), "mae": float(np.abs(np.minimum(o["point"][m], rem_cap[m]) - y[m]).mean())}
     return out
@@ -252,7 +252,7 @@ class ModelLearner:
             y = tr.length[fresh].astype(np.float64)
             cal["last"] = {**cal.get("last", {}), **_scales(y, raw["p50"], raw["p90"]), "n": int(len(fresh))}
         if "plp" in heads:
-            X, y, _, _ = plp_rows(tr, fresh, prompt=heads["plp"].meta.prompt_feature)
+            X, y, *_ = plp_rows(tr, fresh, prompt=heads["plp"].meta.prompt_feature)
             raw = models.head_raw(heads["plp"], X)
             cal["plp"] = {**cal.get("plp", {}), **_scales(y, raw["p50"], raw["p90"]), "n": int(len(y))}
         sv["calibration"] = cal

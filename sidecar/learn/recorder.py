@@ -31,6 +31,7 @@ import torch
 from lenpred.sidecar.learn.config import LearnConfig
 from lenpred.sidecar.learn.split import split_group
 from lenpred.sidecar.learn.store import Example, ModelStore
+from lenpred.train.data import target_step
 
 log = logging.getLogger("lenpred.sidecar.learn")
 
@@ -45,7 +46,8 @@ class _Inflight:
     prompt_tokens: int
     cap: int
     served: tuple | None          # (mean, p90, version) published at prefill
-    dec: dict = field(default_factory=dict)
+    dec: dict = field(default_factory=dict)       # actual step -> state
+    filled: set = field(default_factory=set)      # kept target steps already stored
 
 
 @dataclass
@@ -75,7 +77,7 @@ class ExampleRecorder:
         self.unserved: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self.dropped = collections.Counter()
         self._enabled: dict[ModelKey, tuple[bool, float]] = {}
-        self._keep = set(cfg.keep_steps)
+        self._keep = sorted(set(cfg.keep_steps))
         self._last_flush = time.monotonic()
         self._stop = threading.Event()
         self.error: str | None = None
@@ -173,7 +175,15 @@ class ExampleRecorder:
             self.dropped["inflight_evicted"] += 1
 
     def _decode(self, key, rids, steps, vecs) -> None:
-        want = [i for i, s in enumerate(steps) if int(s) in self._keep and rids[i] in self.inflight]
+        """Keep, per request, the first state at or after each kept step (the tap samples every
+        k-th engine step, so states need not sit on the kept steps), under its actual step."""
+        want = []
+        for i, s in enumerate(steps):
+            fl = self.inflight.get(rids[i])
+            t = target_step(int(s), self._keep)
+            if fl is not None and t is not None and t not in fl.filled:
+                fl.filled.add(t)
+                want.append(i)
         if not want:
             return
         x = vecs[want].to(torch.float16).numpy()
