@@ -7,6 +7,7 @@
 #   bash lenpred/train/gpu_collect.sh join DIR  # GPU: pieces (in name order) -> $QWEN_GGUF, size + sha256 checked
 #   bash lenpred/train/gpu_collect.sh prep      # once: Qwen GGUF -> bf16 HF checkpoint (~1 min)
 #   bash lenpred/train/gpu_collect.sh collect   # both models, ~4.5 min wall (GEN_S generation each)
+#        smoke first: LIMIT=32 GEN_S=20 TRACES=/root/smoke bash lenpred/train/gpu_collect.sh collect  (~2 min)
 #   bash lenpred/train/gpu_collect.sh ship N    # copy the N-th batch of <= 7 shard files (+ manifest) to $OUT
 #   bash lenpred/train/gpu_collect.sh unship FILES DEST  # DEV BOX: shipped files -> DEST/{smollm2,qwen}/shard-*.npz
 #
@@ -24,7 +25,7 @@ export PYTHONPATH=$SHIM:$SITE${PYTHONPATH:+:$PYTHONPATH}
 export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 C="$PY -m lenpred.cli collect-sglang --prompts $PROMPTS --samples 4 --temperature 0.7 --top-p 0.95 --max-new-tokens 512 \
    --max-prompt-tokens 1024 --every 8 --keep-steps 8,16,32,64,128,256 --stride 128 --decode-samples 2 \
-   --concurrency $CONC --max-seconds $GEN_S --mem-fraction 0.35 --shard-mib 14 --device cuda"
+   --concurrency $CONC --max-seconds $GEN_S --mem-fraction 0.35 --shard-mib 14 --device cuda ${LIMIT:+--limit $LIMIT}"
 case "${1:-}" in
   carry)
     d=${2:?folder}; mkdir -p "$d/qwen-tok"
