@@ -261,3 +261,25 @@ def test_restart_resumes_serving_and_cli(tmp_path, redis_url, capsys):
     assert learn_cli.main(["import", "--dir", cfg.dir, "--data", str(out), "--model-id", "test/imported"]) == 0
     assert ModelStore.find(cfg.dir, "test/imported").n_requests() == 128
     assert learn_cli.main(["export", "--dir", cfg.dir, "--model", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_shipped_heads_are_the_reference_of_a_first_candidate(tmp_path):
+    """A model the sidecar already has heads for keeps them until a learned candidate beats them."""
+    from lenpred.bench._thread import write_random_heads
+
+    shipped = write_random_heads(tmp_path / "shipped", D, MODEL, version="shipped")
+    cfg = LearnConfig(**learn_cfg(tmp_path, reference_heads=[str(shipped)]))
+    st = ModelStore(cfg.dir, MODEL, D, -1).ensure()
+    exs = []
+    for i in range(160):
+        r = request(i)
+        exs.append(Example(rid=r["rid"], group=split_group(r["prompt_tokens"], None), prompt_tokens=r["prompt_tokens"],
+                           last=r["last"].numpy().astype(np.float16), pooled=None, length=r["length"],
+                           capped=r["capped"], cap=CAP, finish_ts=time.time(), dec_steps=r["steps"],
+                           dec_vecs=[r["last"].numpy().astype(np.float16)] * len(r["steps"])))
+    st.write_segment(exs)
+    ml = ModelLearner(st, cfg)
+    assert ml.serving_heads()["last"].meta.version == "shipped"
+    what = ml.step()
+    rec = (ml.state["promotions"] + ml.state["rejections"])[-1]
+    assert rec["reference"] == "serving shipped" and what in ("promoted", "rejected")
