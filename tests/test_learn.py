@@ -48,6 +48,15 @@ def request(i: int, n_prompts: int = 120):
             "steps": [s for s in (8, 16, 32) if s < L]}
 
 
+def example(i: int) -> Example:
+    """Request i as the recorder stores it."""
+    r = request(i)
+    x = r["last"].numpy().astype(np.float16)
+    return Example(rid=r["rid"], group=split_group(r["prompt_tokens"], None), prompt_tokens=r["prompt_tokens"],
+                   last=x, pooled=None, length=r["length"], capped=r["capped"], cap=CAP, finish_ts=time.time(),
+                   dec_steps=r["steps"], dec_vecs=[x] * len(r["steps"]))
+
+
 def batches(reqs):
     """prefill, decode, finished messages for a group of requests (as a tap sends them)."""
     pre = pb.IngestBatch(head=HEAD)
@@ -158,14 +167,7 @@ def test_split_group(a, b, same):
 def test_store_roundtrip_bounds_and_train_format(tmp_path):
     st = ModelStore(tmp_path, MODEL, D, -1).ensure()
     for s in range(5):
-        exs = []
-        for i in range(s * 20, s * 20 + 20):
-            r = request(i)
-            exs.append(Example(rid=r["rid"], group=split_group(r["prompt_tokens"], None), prompt_tokens=r["prompt_tokens"],
-                               last=r["last"].numpy().astype(np.float16), pooled=None, length=r["length"],
-                               capped=r["capped"], cap=CAP, finish_ts=time.time(), dec_steps=r["steps"],
-                               dec_vecs=[r["last"].numpy().astype(np.float16)] * len(r["steps"])))
-        st.write_segment(exs)
+        st.write_segment([example(i) for i in range(s * 20, s * 20 + 20)])
     assert st.n_requests() == 100
     assert st.evict(50) == 3 and st.n_requests() == 40  # oldest segments go first
     tr = load([str(st.segments)])
@@ -270,14 +272,7 @@ def test_shipped_heads_are_the_reference_of_a_first_candidate(tmp_path):
     shipped = write_random_heads(tmp_path / "shipped", D, MODEL, version="shipped")
     cfg = LearnConfig(**learn_cfg(tmp_path, reference_heads=[str(shipped)]))
     st = ModelStore(cfg.dir, MODEL, D, -1).ensure()
-    exs = []
-    for i in range(160):
-        r = request(i)
-        exs.append(Example(rid=r["rid"], group=split_group(r["prompt_tokens"], None), prompt_tokens=r["prompt_tokens"],
-                           last=r["last"].numpy().astype(np.float16), pooled=None, length=r["length"],
-                           capped=r["capped"], cap=CAP, finish_ts=time.time(), dec_steps=r["steps"],
-                           dec_vecs=[r["last"].numpy().astype(np.float16)] * len(r["steps"])))
-    st.write_segment(exs)
+    st.write_segment([example(i) for i in range(160)])
     ml = ModelLearner(st, cfg)
     assert ml.serving_heads()["last"].meta.version == "shipped"
     what = ml.step()
