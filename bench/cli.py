@@ -6,6 +6,7 @@ import sys
 
 BENCHES = {
     "accuracy": ("lenpred.bench.accuracy", "prediction accuracy of every shipped predictor on a prompt file"),
+    "learn": ("lenpred.bench.learn", "online learning replayed through a real sidecar: served MAE vs finished requests"),
     "heads": ("lenpred.bench.heads", "head forward time at realistic widths"),
     "sidecar": ("lenpred.bench.sidecar", "sidecar throughput and latency over real gRPC"),
     "tapcheck": ("lenpred.bench.tapcheck", "tap vectors under CUDA graphs vs without, on real SGLang"),

@@ -15,6 +15,8 @@ COMMANDS = {
     "engine": ("lenpred.harness.engine", "run one real SGLang replica on CPU with the tap (dev/test launcher)"),
     "emulator": ("lenpred.harness.emulator", "run an engine emulator speaking SGLang's HTTP API (benchmarks)"),
     "collect": ("lenpred.train.collect", "collect length traces from the real model through the tap code"),
+    "collect-sglang": ("lenpred.train.collect_sglang", "collect length traces from real SGLang serving with the tap (GPU path)"),
+    "learn": ("lenpred.sidecar.learn.cli", "online learning: learner process, recorded datasets, kill switch"),
     "train": ("lenpred.train.train", "train EGTP/PLP heads and baselines"),
     "eval": ("lenpred.train.evaluate", "evaluate predictors on held-out traces"),
     "bench": ("lenpred.bench.cli", "benchmarks: accuracy, schedule, sidecar, router, tap"),

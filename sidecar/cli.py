@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 
@@ -29,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-head", default=d.prefill_head, choices=["auto", "egtp", "last"],
                    help="prefill head when both features arrive (auto: lower held-out MAE)")
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument("--learn-dir", default=None,
+                   help="turn on online learning: record live examples and serve learned heads from this store")
+    p.add_argument("--learn-config", default=None,
+                   help="JSON object of learning settings (lenpred.sidecar.learn.LearnConfig), e.g. "
+                        "'{\"min_finished\": 500, \"retrain_every\": 500}'")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -36,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> SidecarConfig:
     names = {f.name for f in dataclasses.fields(SidecarConfig)}
     kw = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    if a.learn_dir:
+        kw["learn"] = {**json.loads(a.learn_config or "{}"), "dir": a.learn_dir}
     return SidecarConfig(**kw)
 
 

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from lenpred.contract import keys, wire
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.sidecar.batcher import MicroBatcher
+from lenpred.sidecar.learn import LearnConfig, Learning
 from lenpred.sidecar.registry import SHIPPED_HEADS, HeadLookupError, HeadPair, HeadRegistry
 from lenpred.sidecar.store import PredictionStore
 
@@ -64,6 +65,8 @@ class SidecarConfig:
     """Rows (prefill + decode + finished) allowed in one message."""
     prompt_cache_size: int = 200_000
     """Prompt vectors kept per rid for PLP ([h_prompt ; h_t]) until the request finishes."""
+    learn: dict | None = None
+    """Online learning (lenpred.sidecar.learn.LearnConfig fields, at least "dir"); None = off."""
 
 
 class BadInput(ValueError):
@@ -115,8 +118,10 @@ class _Prompt:
 
 
 class LengthPredictorService:
-    def __init__(self, cfg: SidecarConfig, registry: HeadRegistry, store: PredictionStore, metrics: Metrics):
+    def __init__(self, cfg: SidecarConfig, registry: HeadRegistry, store: PredictionStore, metrics: Metrics,
+                 learning: Learning | None = None):
         self.cfg = cfg
+        self.learning = learning
         self.heads = registry
         self.store = store
         self.m = metrics
@@ -128,12 +133,14 @@ class LengthPredictorService:
         self.m.forward_s.labels(head.meta.kind).observe(seconds)
 
     # ------------------------------------------------------------ validation helpers
-    def _select(self, sel: pb.HeadSelector) -> HeadPair:
+    def _select(self, sel: pb.HeadSelector, missing_ok: bool = False) -> HeadPair | None:
         if not sel.model_id:
             raise BadInput("head.model_id is required")
         try:
             return self.heads.select(sel.model_id, sel.hidden_size, sel.layer, sel.version)[1]
         except HeadLookupError as e:
+            if missing_ok:  # learning: a model without heads is recorded, not refused (cold start)
+                return None
             raise BadInput(str(e)) from None
 
     def _vectors(self, t: pb.Tensor, rows: int, dim: int, what: str) -> torch.Tensor:
@@ -211,7 +218,9 @@ class LengthPredictorService:
             records: list[keys.PredictionRecord] = []
             notes: list[str] = []
             rejected = 0
-            pair = self._select(b.head) if (n_pre or n_dec) else None
+            key = (b.head.model_id, b.head.hidden_size, b.head.layer)
+            learn = self.learning.recorder if self.learning and self.learning.recorder.wants(key) else None
+            pair = self._select(b.head, missing_ok=learn is not None) if (n_pre or n_dec) else None
             d = b.head.hidden_size
             if n_pre:
                 # the tap sends the entropy pool ("vectors") and/or the last token's state
@@ -222,7 +231,7 @@ class LengthPredictorService:
                     feats["last"] = self._vectors(b.prefill.last_vectors, n_pre, d, "prefill.last_vectors")
                 if not feats:
                     raise BadInput("prefill needs vectors (entropy pool) and/or last_vectors")
-                head, feature = self._prefill_head(pair, "pooled" in feats, "last" in feats)
+                head, feature = self._prefill_head(pair, "pooled" in feats, "last" in feats) if pair else (None, "")
                 pt = list(b.prefill.prompt_tokens)
                 if pt and len(pt) != n_pre:
                     raise BadInput(f"prefill.prompt_tokens has {len(pt)} entries for {n_pre} request ids")
@@ -236,7 +245,13 @@ class LengthPredictorService:
                     rids = [b.prefill.rids[i] for i in idx]
                     pts = [pt[i] for i in idx] if pt else [0] * len(idx)
                     self._remember(rids, {k: x[idx] for k, x in feats.items()}, pts)  # before the await: see Ingest
-                    recs = await self._prefill(head, rids, feats[feature][idx], pts)
+                    if learn:  # also before the await, so the request's decode/finished rows find it
+                        caps = list(b.prefill.max_new_tokens)
+                        learn.on_prefill(key, rids, {k: x[idx] for k, x in feats.items()}, pts,
+                                         [caps[i] for i in idx] if caps else None)
+                    recs = await self._prefill(head, rids, feats[feature][idx], pts) if head else []
+                    if learn and recs:
+                        learn.on_served(key, rids, [(r.mean, r.p90, r.head_version) for r in recs])
                     for r in recs:
                         if r.rid in self.prompts:
                             self.prompts[r.rid].p50, self.prompts[r.rid].p90 = r.p50, r.p90
@@ -245,9 +260,13 @@ class LengthPredictorService:
                 x = self._vectors(b.decode.vectors, n_dec, d, "decode.vectors")
                 if len(b.decode.steps) != n_dec:
                     raise BadInput(f"decode.steps has {len(b.decode.steps)} entries for {n_dec} request ids")
-                if pair.plp is None:
-                    notes.append(f"{n_dec} decode vector(s) ignored: no PLP head loaded for this model")
-                    rejected += n_dec
+                if learn:
+                    fin = torch.isfinite(x).all(1).nonzero().flatten().tolist()
+                    learn.on_decode(key, [b.decode.rids[i] for i in fin], [b.decode.steps[i] for i in fin], x[fin])
+                if pair is None or pair.plp is None:
+                    if not learn:  # when learning, the rows are recorded: no PLP head (yet) is no error
+                        notes.append(f"{n_dec} decode vector(s) ignored: no PLP head loaded for this model")
+                        rejected += n_dec
                 else:
                     finite = torch.isfinite(x).all(1).tolist()
                     pf = pair.plp.meta.prompt_feature
@@ -264,6 +283,9 @@ class LengthPredictorService:
                         pts = [self.prompts[r].prompt_tokens for r in rids]
                         records += await self._plp(pair, rids, hp, x[idx], [b.decode.steps[i] for i in idx], pts)
             finished = [self._finish(f) for f in b.finished]
+            if learn:
+                for f in b.finished:
+                    learn.on_finish(key, f.rid, f.output_tokens, f.truncated, f.aborted, f.max_new_tokens)
             if not await self.store.write(records, finished) and self.store.r is not None:
                 self.m.redis_errors.inc()
                 notes.append("redis unavailable: predictions computed but not stored")
@@ -402,6 +424,8 @@ class RunningSidecar:
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.server.stop(grace)
+        if self.service.learning is not None:
+            await self.service.learning.stop()
         await self.service.store.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
@@ -415,11 +439,13 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
     registry = HeadRegistry(pick_device(cfg.device))
     for root in cfg.heads:
         registry.load_dir(root)
-    if not registry.pairs:
-        log.warning("no heads loaded from %s: every request will be refused as 'unknown model'", cfg.heads)
     metrics = Metrics()
+    learning = Learning(LearnConfig(**{"reference_heads": list(cfg.heads), **cfg.learn}), registry,
+                        metrics.registry) if cfg.learn else None
+    if not registry.pairs and learning is None:
+        log.warning("no heads loaded from %s: every request will be refused as 'unknown model'", cfg.heads)
     store = PredictionStore(cfg.redis_url, cfg.namespace, cfg.ttl_s)
-    svc = LengthPredictorService(cfg, registry, store, metrics)
+    svc = LengthPredictorService(cfg, registry, store, metrics, learning)
     hard = cfg.max_message_bytes * 4
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", hard),
                                       ("grpc.max_send_message_length", hard),
@@ -447,6 +473,9 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
     await server.start()
     for name in ("", SERVICE):
         await health_svc.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if learning is not None:
+        learning.health_svc = health_svc  # reports "lenpred.learn" NOT_SERVING when a part dies
+        await learning.start()
     mport = msrv = None
     if cfg.metrics_port is not None:
         msrv, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per forward batch (x samples rows)")
     ap.add_argument("--shard-size", type=int, default=64, help="prompts per shard file")
-    ap.add_argument("--model", default=None, help="HF checkpoint folder (default: the shipped SmolLM2)")
+    ap.add_argument("--model", default=None, help="HF folder, .gguf file or known model name (default: SmolLM2)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop after the shard that passes this")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")
@@ -67,17 +67,13 @@ def load_model(path: str | None, device: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lenpred.model import MODEL_ID, hf_checkpoint
+    from lenpred.model import model_id_of, resolve
 
-    ckpt = pathlib.Path(path) if path else hf_checkpoint()
+    ckpt = resolve(path)  # known model name, .gguf file or HF folder; default: the shipped SmolLM2
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype, torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dt).to(device).eval()
-    model_id = MODEL_ID
-    conv = ckpt / "lenpred-converted.json"
-    if conv.exists():
-        model_id = json.loads(conv.read_text()).get("model_id", MODEL_ID)
-    return tok, model, model_id
+    return tok, model, model_id_of(ckpt)
 
 
 def encode(tok, prompt) -> list[int]:

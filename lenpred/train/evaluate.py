@@ -36,9 +36,11 @@ def minilm_features(texts: np.ndarray) -> np.ndarray:
 
 def features(tr, req_rows: np.ndarray, need_minilm: bool) -> dict[str, np.ndarray]:
     pr = tr.req_prompt[req_rows]
-    F = {"pooled": tr.pooled[pr].astype(np.float32), "mean": tr.mean[pr].astype(np.float32),
-         "last": tr.last[pr].astype(np.float32), "prompt_tokens": tr.prompt_tokens[pr].astype(np.float32),
+    F = {"last": tr.last[pr].astype(np.float32), "prompt_tokens": tr.prompt_tokens[pr].astype(np.float32),
          "none": np.zeros((len(pr), 1), np.float32)}
+    for name in ("pooled", "mean"):
+        if getattr(tr, name) is not None:
+            F[name] = getattr(tr, name)[pr].astype(np.float32)
     if need_minilm:
         uniq, inv = np.unique(pr, return_inverse=True)
         F["minilm"] = minilm_features(tr.text[uniq])[inv]
@@ -48,16 +50,22 @@ def features(tr, req_rows: np.ndarray, need_minilm: bool) -> dict[str, np.ndarra
 def plp_rows(tr, req_rows: np.ndarray, steps=None, prompt: str = "pooled"):
     """PLP inputs [h_prompt ; h_t] and remaining-length targets: step-0 rows (h_t = the prompt's
     last-token state) for every request, then every recorded decode state of these requests.
-    `prompt` picks h_prompt: the entropy pool ("pooled") or the last prompt token's state ("last")."""
-    from lenpred.train.data import decode_rows
+    `prompt` picks h_prompt: the entropy pool ("pooled") or the last prompt token's state ("last").
+    With `steps`, only the first state at or after each of these steps (before the next) is kept,
+    and `bucket` says which step it stands for (data.step_buckets); targets use the actual step.
+    Returns X, y, step, reqs, bucket."""
+    from lenpred.train.data import decode_rows, step_buckets
 
     hp = {"pooled": tr.pooled, "last": tr.last}[prompt]
     pr = tr.req_prompt[req_rows]
     X0 = np.concatenate([hp[pr], tr.last[pr]], 1)
     y0 = tr.length[req_rows].astype(np.float32)
     d = decode_rows(tr, req_rows)
+    bucket = tr.dec_step[d].astype(np.int64)
     if steps is not None:
-        d = d[np.isin(tr.dec_step[d], steps)]
+        bucket = step_buckets(tr.dec_req[d], tr.dec_step[d], steps)
+        keep = bucket >= 0
+        d, bucket = d[keep], bucket[keep]
     req = tr.dec_req[d]
     X1 = np.concatenate([hp[tr.req_prompt[req]], tr.dec_vec[d]], 1)
     y1 = (tr.length[req] - tr.dec_step[d]).astype(np.float32)
@@ -65,7 +73,33 @@ def plp_rows(tr, req_rows: np.ndarray, steps=None, prompt: str = "pooled"):
     y = np.concatenate([y0, y1])
     step = np.concatenate([np.zeros(len(req_rows), np.int32), tr.dec_step[d]])
     reqs = np.concatenate([req_rows, req])
-    return X, y, step, reqs
+    return X, y, step, reqs, np.concatenate([np.zeros(len(req_rows), np.int64), bucket])
+
+
+TEXT_BASELINES = ("proxy-minilm", "prompt-length", "const-median", "const-mean")
+
+
+def noise_floor(tr, req_rows: np.ndarray, t: int = 64) -> dict:
+    """Sampling-noise floor (docs/results/accuracy.md): predict each reply by the median length of
+    the *other* samples of the same prompt — an oracle that knows the realised lengths. Also for the
+    remaining length after t tokens (others still running at t: median(L) - t)."""
+    by_prompt: dict[int, list[int]] = {}
+    for r in req_rows:
+        by_prompt.setdefault(int(tr.req_prompt[r]), []).append(int(r))
+    err, err_t = [], []
+    for rs in by_prompt.values():
+        if len(rs) < 2:
+            continue
+        L = tr.length[rs].astype(np.float64)
+        for i in range(len(rs)):
+            others = np.delete(L, i)
+            err.append(abs(np.median(others) - L[i]))
+            run = others[others > t]
+            if L[i] > t and len(run):
+                err_t.append(abs(np.median(run) - t - (L[i] - t)))
+    return {"loo_median_mae": float(np.mean(err)) if err else None, "n": len(err),
+            f"loo_remaining_mae_t{t}": float(np.mean(err_t)) if err_t else None, f"n_t{t}": len(err_t),
+            "note": "median of the other samples of the same prompt (needs K >= 2 samples per prompt)"}
 
 
 def time_predictor(p, X: np.ndarray, batch: int, reps: int = 30) -> float:
@@ -96,7 +130,7 @@ def evaluate(tr, req_rows: np.ndarray, preds: dict, *, timing: bool = True, log=
            "n_prompts": int(len(np.unique(tr.req_prompt[req_rows]))), "datasets": datasets}
     outputs = {}
     for name, p in preds.items():
-        if p.target != "total":
+        if p.target != "total" or p.input not in F:
             continue
         o = p.predict(F[p.input])
         outputs[name] = o
@@ -119,11 +153,22 @@ def evaluate(tr, req_rows: np.ndarray, preds: dict, *, timing: bool = True, log=
         rep["egtp_vs_best_baseline"] = {"best_baseline": best, "best_baseline_mae": base[best],
                                         "egtp_mae": rep["methods"]["egtp"]["mae"],
                                         "reduction": (1 - rep["methods"]["egtp"]["mae"] / base[best]) if base[best] > 0 else float("nan")}
+    # ---- the served prefill head (what `--prefill-head auto` picks: the lower MAE) vs text baselines
+    served = min((k for k in ("egtp", "last-token-head") if k in rep["methods"]), default=None,
+                 key=lambda k: rep["methods"][k]["mae"])
+    text = {k: v["mae"] for k, v in rep["methods"].items() if k in TEXT_BASELINES}
+    if served and text:
+        best = min(text, key=text.get)
+        rep["served_vs_text_baselines"] = {
+            "served": served, "served_mae": rep["methods"][served]["mae"], "best_text_baseline": best,
+            "best_text_baseline_mae": text[best],
+            "reduction": 1 - rep["methods"][served]["mae"] / text[best] if text[best] > 0 else float("nan")}
+    rep["noise_floor"] = noise_floor(tr, req_rows)
     # ---- PLP: remaining length vs tokens decoded, against the static EGTP prediction
     plp = [p for p in preds.values() if p.target == "remaining"]
     if plp and "egtp" in outputs:
         p = plp[0]
-        X, yr, step, reqs = plp_rows(tr, req_rows, steps=[t for t in TOKENS if t > 0],
+        X, yr, step, reqs, bucket = plp_rows(tr, req_rows, steps=[t for t in TOKENS if t > 0],
                                      prompt=p.input.split("+")[0])
         o = p.predict(X)
         pos = {int(r): i for i, r in enumerate(req_rows)}
@@ -132,19 +177,25 @@ def evaluate(tr, req_rows: np.ndarray, preds: dict, *, timing: bool = True, log=
         static = np.maximum(np.minimum(eg, capr) - step, 0)
         by, st, n, cov = {}, {}, {}, {}
         for t in TOKENS:
-            m = step == t
+            m = bucket == t
             if not m.any():
                 continue
-            rem_cap = capr[m] - t
+            rem_cap = capr[m] - step[m]
             by[str(t)] = float(np.abs(np.minimum(o["point"][m], rem_cap) - yr[m]).mean())
             st[str(t)] = float(np.abs(static[m] - yr[m]).mean())
             cov[str(t)] = float((yr[m] <= np.minimum(o["p90"][m], rem_cap) + 1e-6).mean())
             n[str(t)] = int(m.sum())
+        sv = outputs[served]["point"][[pos[int(r)] for r in reqs]] if served else eg
+        served_static = np.maximum(np.minimum(sv, capr) - step, 0)
+        sst = {str(t): float(np.abs(served_static[bucket == t] - yr[bucket == t]).mean()) for t in TOKENS if (bucket == t).any()}
         rep["plp"] = {"mae_by_tokens": by, "static_mae_by_tokens": st, "p90_coverage_by_tokens": cov,
+                      "served_static": served, "served_static_mae_by_tokens": sst,
+                      "ratio_to_served_static_by_tokens": {k: by[k] / sst[k] for k in by if sst.get(k)},
                       "n_by_tokens": n, "params": int(p.params),
                       "ratio_by_tokens": {k: by[k] / st[k] for k in by if st.get(k)},
-                      "note": "rows at step t are the requests still running after t tokens; static = "
-                              "max(EGTP point - t, 0); step 0 uses [h_prompt ; h_last_prompt_token]"}
+                      "note": "rows at t are the requests still running after t tokens, each at its first recorded "
+                              "state at or after t (the engine tap samples every k engine steps); static = "
+                              "max(EGTP point - step, 0); step 0 uses [h_prompt ; h_last_prompt_token]"}
         if timing:
             rep["plp"]["us_per_pred_b1"] = round(time_predictor(p, X, 1), 2)
             rep["plp"]["us_per_pred_b256"] = round(time_predictor(p, X, 256), 3)
@@ -174,6 +225,15 @@ def write_report(rep: dict, out: pathlib.Path, *, title: str, header: list[str] 
         L += ["", f"EGTP vs best baseline ({e['best_baseline']}, MAE {e['best_baseline_mae']:.1f}): "
                   f"MAE {e['egtp_mae']:.1f}, i.e. {abs(100 * e['reduction']):.1f}% "
                   f"{'below' if e['reduction'] >= 0 else 'ABOVE'} it (target: ≥ 35% below)."]
+    if "served_vs_text_baselines" in rep:
+        e = rep["served_vs_text_baselines"]
+        L += ["", f"Served prefill head ({e['served']}, MAE {e['served_mae']:.1f}) vs the best text/auxiliary baseline "
+                  f"({e['best_text_baseline']}, MAE {e['best_text_baseline_mae']:.1f}): {100 * e['reduction']:.1f}% lower."]
+    nf = rep.get("noise_floor") or {}
+    if nf.get("loo_median_mae") is not None:
+        L += ["", f"Noise floor: the median of the other samples of the same prompt scores MAE "
+                  f"{nf['loo_median_mae']:.1f} ({nf['n']} replies); remaining length after 64 tokens: "
+                  f"{nf.get('loo_remaining_mae_t64') or float('nan'):.1f}."]
     L += ["", "## Per dataset (MAE / Acc-100 / p90 coverage)", ""]
     names = sorted(rep["methods"], key=lambda k: rep["methods"][k]["mae"])
     L += ["| dataset | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -190,6 +250,10 @@ def write_report(rep: dict, out: pathlib.Path, *, title: str, header: list[str] 
               "| PLP MAE | " + " | ".join(f"{p['mae_by_tokens'][k]:.1f}" for k in ks) + " |",
               "| static (EGTP − t) MAE | " + " | ".join(f"{p['static_mae_by_tokens'][k]:.1f}" for k in ks) + " |",
               "| PLP / static | " + " | ".join(f"{p['ratio_by_tokens'].get(k, float('nan')):.2f}" for k in ks) + " |",
+              f"| served static ({p.get('served_static')} − t) MAE | " + " | ".join(
+                  f"{p.get('served_static_mae_by_tokens', {}).get(k, float('nan')):.1f}" for k in ks) + " |",
+              "| PLP / served static | " + " | ".join(
+                  f"{p.get('ratio_to_served_static_by_tokens', {}).get(k, float('nan')):.2f}" for k in ks) + " |",
               "| PLP p90 coverage | " + " | ".join(f"{p['p90_coverage_by_tokens'][k]:.2f}" for k in ks) + " |",
               "", p["note"] + "."]
     if plots:

@@ -6,7 +6,8 @@ Every adapter yields Prompt(id, messages, dataset). Formats:
   self-instruct  {"id", "instruction", "instances": [{"input"}]}
   mt-bench       {"question_id", "turns": [...]}           (first turn only)
   vicuna-bench   {"question_id", "turns": [...]}           (same shape as mt-bench)
-  plain          {"prompt": str} or {"messages": [{"role", "content"}, ...]} (optional "id")
+  plain          {"prompt": str} or {"messages": [{"role", "content"}, ...]} (optional "id", and
+                 "dataset" with messages: the subsets `lenpred.train.prepare_prompts` writes)
   auto           decided per file from the first record's fields
 """
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _convert(rec: dict, fmt: str, where: str, idx: int, dataset: str) -> Prompt:
                 msgs = msgs[:-1]
             if not msgs:
                 raise PromptFileError(f"{where}: 'messages' holds no turn before the reply")
-            return Prompt(str(rid if rid is not None else idx), [dict(role=m["role"], content=m["content"]) for m in msgs], dataset)
+            return Prompt(str(rid if rid is not None else idx), [dict(role=m["role"], content=m["content"]) for m in msgs],
+                          str(rec.get("dataset") or dataset))
         text = need("prompt")
     else:
         raise PromptFileError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

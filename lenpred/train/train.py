@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     version = a.version or tr.data_hash
     print(f"data {a.data}: {len(tr.key)} prompts, {len(tr.length)} requests, {len(tr.dec_step)} decode rows, "
           f"d={d}, cap={cap}, hash {tr.data_hash}", flush=True)
-    split = split_by_prompt(tr.key, a.seed)
+    split = split_by_prompt(tr.split_keys, a.seed)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     bdir = pathlib.Path(a.baselines or default_baselines(a.out))
@@ -123,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         h.meta.trained.update({**trained, "name": name, "input": inp})
         save_head(h, dest or bdir / f"{name}.safetensors")
         return h
-    head("mean-pool-head", "mean")
+    if tr.mean is not None:
+        head("mean-pool-head", "mean")
     last = head("last-token-head", "last")
     egtp = head("egtp", "pooled", dest=out / "egtp.safetensors")
 
     # ---- PLP: [h_prompt ; h_t] -> remaining
-    Xp, yp, _, _ = plp_rows(tr, R["train"], prompt=a.plp_prompt)
-    Xpv, ypv, _, _ = plp_rows(tr, R["val"], prompt=a.plp_prompt)
+    Xp, yp, *_ = plp_rows(tr, R["train"], prompt=a.plp_prompt)
+    Xpv, ypv, *_ = plp_rows(tr, R["val"], prompt=a.plp_prompt)
     print(f"  PLP rows: train {len(yp)}, val {len(ypv)} (h_prompt = {a.plp_prompt})", flush=True)
     plp = head("plp", f"{a.plp_prompt}+decode", kind="plp", X=Xp, Y=yp, Xv=Xpv, Yv=ypv, epochs=a.plp_epochs,
                dest=out / "plp.safetensors", prompt_feature=a.plp_prompt)
@@ -155,6 +156,42 @@ def main(argv: list[str] | None = None) -> int:
     print((rdir / "report.md").read_text())
     print(f"trained in {time.time() - t0:.0f}s; heads -> {out}, baselines -> {bdir}, report -> {rdir}")
     return 0
+
+
+def fit_served(tr, R: dict, *, version: str, cap: int, kinds=("last", "plp"), plp_prompt: str = "last",
+               bins: int = 20, epochs: int = 40, plp_epochs: int = 25, lr: float = 1e-3, seed: int = 0,
+               trained: dict | None = None, log=print) -> dict:
+    """The served heads (kind -> LengthHead) trained on request rows R["train"], early-stopped and
+    quantile-calibrated on R["val"]: the same fit and calibration `lenpred train` uses for the
+    shipped heads. The online learner (lenpred.sidecar.learn) calls this on its live store."""
+    from lenpred.train import models
+    from lenpred.train.evaluate import features, plp_rows
+
+    feat = {"last": "last", "egtp": "pooled"}
+    out = {}
+    for kind in kinds:
+        if kind == "plp":
+            X, Y, *_ = plp_rows(tr, R["train"], prompt=plp_prompt)
+            Xv, Yv, *_ = plp_rows(tr, R["val"], prompt=plp_prompt)
+            capv, ep, inp, pf = None, plp_epochs, f"{plp_prompt}+decode", plp_prompt
+        else:
+            X = features(tr, R["train"], False)[feat[kind]]
+            Xv = features(tr, R["val"], False)[feat[kind]]
+            Y, Yv = tr.length[R["train"]].astype(np.float32), tr.length[R["val"]].astype(np.float32)
+            capv, ep, inp, pf = tr.cap[R["val"]].astype(np.float32), epochs, feat[kind], "pooled"
+        # batch 128 as `lenpred train`, smaller on small live stores so a few hundred requests
+        # still get enough optimiser steps per epoch
+        h = models.fit_head("plp" if kind == "plp" else "egtp", X, Y, Xv, Yv, model_id=tr.model_id,
+                            hidden_size=tr.hidden_size, max_len=cap, n_bins=bins, epochs=ep, lr=lr, seed=seed,
+                            capv=capv, log=log, batch=int(min(128, max(16, len(Y) // 32))))
+        models.calibrate_head(h, Xv, Yv)
+        h.meta.kind = kind
+        h.meta.prompt_feature = pf
+        h.meta.version = version
+        h.meta.data_hash = tr.data_hash
+        h.meta.trained.update({**(trained or {}), "name": kind, "input": inp})
+        out[kind] = h
+    return out
 
 
 def write_residuals(tr, rows, head, path: pathlib.Path) -> None:
