@@ -7,8 +7,8 @@ then group and balance. Steps:
 1. probe (when the profile's batcher needs predictions and Redis is configured): every request is
    sent prefill-only (max tokens 1, rid `<rid>-probe`); the tap/sidecar publishes its EGTP
    prediction at prefill, which the runner reads from Redis (fallback estimate if none arrives).
-   `probe_body` and `wait_for_predictions` are shared with single requests' probe-then-dispatch
-   (`Router._probe`, profile `probe.enabled`);
+   the probe body and the wait are shared with single requests' probe-then-dispatch
+   (`probes.py`, profile `probe.enabled`);
 2. plan: the batcher groups the set into micro-batches and assigns them to replicas;
 3. release: `sequential` sends a replica's next micro-batch when its previous one is done (static
    batching engines), `all` sends everything in plan order (continuous batching);
@@ -21,74 +21,57 @@ Results stream back as NDJSON lines in completion order, `{"index", "rid", "stat
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import AsyncIterator, Protocol, Sequence
 
-
+from lenpred.contract.prediction import Estimate, Prediction
+from lenpred.router.config import Profile
 from lenpred.router.continuation import Part, continuation, merge, part_of, with_cap
 from lenpred.router.ids import new_rid
-from lenpred.router.interfaces import Estimate, MicroBatch, RequestView
+from lenpred.router.interfaces import MicroBatch, ReplicaView, RequestView
 from lenpred.router.parsing import max_tokens_of, prompt_of
-from lenpred.router.predictions import estimate_from_record
+from lenpred.router.probes import probe_body, probe_rid
 from lenpred.router.upstream import ERRORS
 
-if TYPE_CHECKING:
-    from lenpred.contract.keys import PredictionRecord
-    from lenpred.router.app import Router
-
 log = logging.getLogger(__name__)
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "generate": "/generate"}
 MAX_ROUNDS = 8
 PROBE_CONCURRENCY = 4096
 PREDICTION_WAIT_S = 3.0
-PROBE_TOKENS = 1   # prefill plus one token: SGLang's OpenAI endpoints refuse max_tokens 0
 
 
-def probe_rid(rid: str) -> str:
-    return f"{rid}-probe"
+class BatchHost(Protocol):
+    """What a batch run needs from the router (`core.Router` implements it): nothing else of the
+    router's internals is reachable from here."""
 
+    @property
+    def predictions_enabled(self) -> bool:
+        """Whether predictions can arrive (Redis configured): probing is pointless without them."""
 
-def probe_body(body: dict, api: str, rid: str) -> dict:
-    """A prefill-only copy of `body` under the probe rid of `rid` (never streamed)."""
-    out = with_cap(body, api, PROBE_TOKENS)
-    out["rid"] = probe_rid(rid)
-    out.pop("stream", None)
-    out.pop("stream_options", None)
-    return out
+    def profile(self, name: str) -> Profile: ...
 
+    def clock(self) -> float: ...
 
-async def wait_for_predictions(router: "Router", rids: list[str], timeout_s: float, poll_s: float = 0.05,
-                               give_up: Callable[[], bool] | None = None) -> dict[str, "PredictionRecord"]:
-    """Fresh predictions published for `rids` (probe rids), taken from the router's pub/sub stream
-    as they arrive and read from Redis every `poll_s` (a record written before we listened, or a
-    lost event), until all are in, `timeout_s` has passed or `give_up()` is true."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    got: dict[str, PredictionRecord] = {}
-    arrived = asyncio.Event()
-    for rid in rids:
-        router.probe_waiters[rid] = (got, arrived)
-    try:
-        while True:
-            arrived.clear()
-            missing = [r for r in rids if r not in got]
-            if missing:
-                left = deadline - loop.time()
-                read = await router.predictions.get_many(missing, max(min(left, 2.0), 0.01))
-                got.update({r: rec for r, rec in read.items() if router.predictions.fresh(rec)})
-            left = deadline - loop.time()
-            if len(got) == len(rids) or left <= 0 or (give_up is not None and give_up()):
-                return got
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(arrived.wait(), min(poll_s, left))
-    finally:
-        for rid in rids:
-            router.probe_waiters.pop(rid, None)
+    def healthy(self) -> Sequence[ReplicaView]: ...
+
+    def fallback_estimate(self, prompt_tokens: int, max_tokens: int | None) -> Estimate: ...
+
+    def observe_length(self, prompt_tokens: int, output_tokens: int) -> None:
+        """Learn a finished request's output length (the fallback's history)."""
+
+    async def post_read(self, replica: str, api: str, body: dict) -> tuple[int, bytes]:
+        """POST `body` to the API's path on `replica` and read the whole answer."""
+
+    def begin_attempt(self, req: RequestView, replica: str, rid: str) -> None:
+        """`req` runs on `replica` as engine rid `rid`: account it there, route its predictions."""
+
+    def end_attempt(self, req: RequestView, rid: str) -> None: ...
+
+    async def wait_for_predictions(self, rids: list[str], timeout_s: float) -> dict[str, Prediction]: ...
+
+    async def latest_prediction(self, rid: str) -> Prediction | None: ...
 
 
 @dataclass
@@ -105,18 +88,17 @@ class Item:
 
 
 class BatchRun:
-    def __init__(self, router: "Router", api: str, bodies: list[dict], profile: str):
-        self.router, self.api, self.profile_name = router, api, profile
-        self.profile = router.policy.profiles[profile]
+    def __init__(self, host: BatchHost, api: str, bodies: list[dict], profile: str):
+        self.host, self.api, self.profile_name = host, api, profile
+        self.profile = host.profile(profile)
         self.batcher = self.profile.batcher
         self.id = new_rid("lpb")
-        clock = router.config.handle.clock
         self.items = []
         for i, body in enumerate(bodies):
             text, ptoks = prompt_of(body, api)
             mt = max_tokens_of(body, api)
             req = RequestView(rid=new_rid(), api=api, prompt_tokens=ptoks, prompt_text=text,
-                              max_tokens=mt, arrival=clock(), estimate=router.fallback.estimate(ptoks, mt),
+                              max_tokens=mt, arrival=host.clock(), estimate=host.fallback_estimate(ptoks, mt),
                               pinned=True)   # batch plans place and continue their own requests: never moved
             self.items.append(Item(i, body, req))
         self.results: asyncio.Queue = asyncio.Queue()
@@ -125,12 +107,9 @@ class BatchRun:
                       "replica_finish_s": {}}
         self._started = time.monotonic()
 
-    async def _post(self, replica: str, body: dict) -> tuple[int, bytes]:
-        return await self.router.upstream.post_read(f"{replica}{PATHS[self.api]}", body)
-
     # -- 1. probe ----------------------------------------------------------------------------
     async def probe(self) -> None:
-        healthy = sorted(r.name for r in self.router.pool.healthy())
+        healthy = sorted(r.name for r in self.host.healthy())
         sem = asyncio.Semaphore(PROBE_CONCURRENCY)
         started = time.monotonic()
 
@@ -142,7 +121,7 @@ class BatchRun:
             custom["lenpred_micro_batch"], custom["lenpred_micro_batch_size"] = f"{self.id}-probe-{replica}", counts[replica]
             async with sem:
                 try:
-                    await self._post(replica, body)
+                    await self.host.post_read(replica, self.api, body)
                     self.stats["probes"] += 1
                 except ERRORS as e:
                     log.debug("probe %s failed: %s", body["rid"], e)
@@ -151,10 +130,10 @@ class BatchRun:
         # The sidecar writes EGTP at prefill, around when the probe answers: read them all at once,
         # retrying the missing ones briefly; those still missing keep the fallback estimate.
         by_rid = {probe_rid(it.req.rid): it for it in self.items}
-        got = await wait_for_predictions(self.router, list(by_rid), PREDICTION_WAIT_S)
+        got = await self.host.wait_for_predictions(list(by_rid), PREDICTION_WAIT_S)
         for rid, rec in got.items():
             item = by_rid[rid]
-            item.req.estimate = estimate_from_record(rec, item.req.max_tokens)
+            item.req.estimate = Estimate.from_record(rec, item.req.max_tokens)
             self.stats["probe_predictions"] += 1
         self.stats["probe_s"] = time.monotonic() - started
 
@@ -171,18 +150,15 @@ class BatchRun:
             custom = body.setdefault("custom_params", {})
             custom["lenpred_micro_batch"], custom["lenpred_micro_batch_size"] = group
         item.last_rid = rid
-        self.router.pool.add(req, replica)
-        self.router.batch_rids[rid] = req
+        self.host.begin_attempt(req, replica, rid)
         try:
-            status, content = await self._post(replica, body)
+            status, content = await self.host.post_read(replica, self.api, body)
             payload = json.loads(content) if status == 200 else None
         except (*ERRORS, ValueError) as e:
             item.status, item.error, item.done = 502, f"{type(e).__name__}: {e}", True
             return
         finally:
-            self.router.pool.remove(req)
-            self.router.batch_rids.pop(rid, None)
-            self.router.scheduler.dispatch()
+            self.host.end_attempt(req, rid)
         if payload is None:
             item.status, item.error, item.done = status, content[:500].decode(errors="replace"), True
             return
@@ -233,7 +209,7 @@ class BatchRun:
                "parts": len(item.parts)}
         if item.status == 200:
             out["response"] = merge(item.parts, self.api)
-            self.router.fallback.observe(item.req.prompt_tokens, item.req.generated)
+            self.host.observe_length(item.req.prompt_tokens, item.req.generated)
         else:
             out["error"] = item.error
         return out
@@ -241,11 +217,8 @@ class BatchRun:
     async def _refresh_estimate(self, item: Item) -> None:
         """After a capped attempt: the latest PLP for its rid, else 'at least as much again'."""
         req = item.req
-        rec = await self.router.predictions.get(item.last_rid)
-        last = item.parts[-1].tokens
-        rem = 0.0
-        if rec is not None:
-            rem = max(rec.remaining_p50 - max(last - rec.step, 0), 0.0)
+        rec = await self.host.latest_prediction(item.last_rid)
+        rem = Estimate.from_record(rec).remaining(0.5, item.parts[-1].tokens) if rec is not None else 0.0
         rem = max(rem, 0.5 * req.generated, 1.0)
         if req.max_tokens:
             rem = min(rem, req.max_tokens - req.generated)
@@ -255,11 +228,11 @@ class BatchRun:
     async def execute(self) -> None:
         self._by_rid = {it.req.rid: it for it in self.items}
         try:
-            if self.batcher.needs_predictions and self.router.predictions.enabled:
+            if self.batcher.needs_predictions and self.host.predictions_enabled:
                 await self.probe()
             pending = list(self.items)
             for rnd in range(MAX_ROUNDS):
-                healthy = self.router.pool.healthy()
+                healthy = self.host.healthy()
                 if not healthy:
                     for it in pending:
                         it.status, it.error, it.done = 503, "no healthy replica", True
@@ -295,5 +268,3 @@ class BatchRun:
             if not task.done():
                 task.cancel()
 
-
-_ids = itertools.count()

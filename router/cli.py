@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
 
+import uvicorn
+
 from lenpred.contract.keys import DEFAULT_NAMESPACE
+from lenpred.router.app import make_app
+from lenpred.router.config import PolicyError, RouterConfig, default_policy_path, load_policy, schema_text
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lenpred.router.config import default_policy_path
-
     p = argparse.ArgumentParser(prog="lenpred router", description="Length-aware router over SGLang replicas.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the OpenAI-compatible router")
@@ -32,8 +35,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from lenpred.router.config import PolicyError, RouterConfig, load_policy, schema_text
-
     if args.cmd == "validate":
         try:
             policy = load_policy(args.file)
@@ -46,10 +47,6 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(schema_text())
         return 0
 
-    import uvicorn
-
-    from lenpred.router.app import make_app
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     try:
@@ -58,8 +55,6 @@ def main(argv: list[str]) -> int:
     except PolicyError as e:
         print(e, file=sys.stderr)
         return 2
-    import gc
-
     gc.collect()
     gc.freeze()   # startup objects (FastAPI, pydantic, plugins) leave the collector's working set: shorter pauses
     # uvicorn picks uvloop and httptools when installed (router/README.md "Overhead": ~1.5x req/s over h11)

@@ -1,4 +1,5 @@
-"""Contracts between the router core and its plugins.
+"""Contracts between the router core and its plugins (contracts only: the core's implementations
+live in `state.py`, `queue.py`, `core.py`; plugins in `lenpred.router.plugins.<stage>`).
 
 One small interface per stage, in the order a request meets them:
 
@@ -6,23 +7,39 @@ One small interface per stage, in the order a request meets them:
     batch submissions: Batcher (groups a known set into micro-batches and assigns them to replicas)
     in flight: Preemptor (moves a request whose prediction grew off an overloaded replica)
 
+What a plugin must write, and what it may leave to the base class (SMG's style: optional hooks are
+no-ops, so a simple plugin is a few lines):
+
+| role | must implement | defaults (override when needed) |
+|---|---|---|
+| every plugin | - | `on_dispatch(req, replica)`, `on_finish(req)`: no-ops |
+| Admitter | - | `admit`: admit to every healthy replica |
+| Orderer | - | `key`: arrival time (FCFS); `engine_priority`: None (send none) |
+| Scorer | `score(req, replicas)` | - |
+| Picker | `pick(req, scores)` | - |
+| Batcher | `plan(reqs, replicas)` | `continue_plan`: plan the continuations uncapped; `needs_predictions = True` |
+| Preemptor | - | `select`: no moves; `on_move`: no-op; `interval_s = 0.05` |
+
 The data plugins see is plain and typed: `RequestView` (one request, with its output-length
 `Estimate`) and `ReplicaView` (one engine replica: the load it reports plus the router's own
-accounting of what it sent there). Implementations live in `lenpred.router.plugins.<stage>`.
+accounting of what it sent there).
 """
 from __future__ import annotations
 
+import abc
 import enum
-import functools
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-_Z90 = statistics.NormalDist().inv_cdf(0.9)
+from lenpred.contract.prediction import Estimate
+
+__all__ = ["Role", "Estimate", "RequestView", "EngineLoad", "ReplicaView", "Verdict", "Admission", "Handle",
+           "PluginParameters", "Plugin", "Admitter", "Orderer", "Scorer", "Picker", "MicroBatch", "BatchPlan",
+           "Batcher", "Move", "Preemptor"]
 
 
 class Role(str, enum.Enum):
@@ -36,58 +53,14 @@ class Role(str, enum.Enum):
     PREEMPTOR = "preemptor"
 
 
-@dataclass
-class Estimate:
-    """Output-length estimate for one request, in tokens.
-
-    `p50`/`p90` are *total* output lengths; `remaining_*` are the tokens still to come when the
-    estimate was made, after `step` tokens had been decoded. `source` is `egtp` (prompt, at
-    prefill), `plp` (decode state) or `fallback` (heuristic: no fresh prediction).
-    """
-
-    p50: float
-    p90: float
-    remaining_p50: float
-    remaining_p90: float
-    step: int = 0
-    source: str = "fallback"
-    ts: float = 0.0
-
-    def total(self, quantile: float) -> float:
-        """Total output length at `quantile`, interpolating p50/p90 on a normal scale."""
-        return _at_quantile(self.p50, self.p90, quantile)
-
-    def remaining(self, quantile: float, generated: int) -> float:
-        """Tokens still to come at `quantile`, given `generated` tokens seen so far."""
-        rem = _at_quantile(self.remaining_p50, self.remaining_p90, quantile)
-        return max(rem - max(generated - self.step, 0), 0.0)
-
-    def header(self) -> str:
-        return f"p50={self.p50:.0f};p90={self.p90:.0f};source={self.source};step={self.step}"
-
-
-@functools.lru_cache(maxsize=64)
-def _quantile_factor(q: float) -> float:
-    """Where `q` sits between p50 (0) and p90 (1) on a normal scale."""
-    return 0.0 if q == 0.5 else 1.0 if q == 0.9 else statistics.NormalDist().inv_cdf(q) / _Z90
-
-
-def _at_quantile(p50: float, p90: float, q: float) -> float:
-    if q == 0.5:
-        return p50
-    if q == 0.9:
-        return p90
-    return max(p50 + (p90 - p50) * _quantile_factor(q), 0.0)
-
-
-@dataclass
+@dataclass(eq=False)
 class RequestView:
     """The router's view of one request (queued, running, or finished)."""
 
     rid: str
     api: str                      # "chat" | "completions" | "generate"
     prompt_tokens: int            # estimated at arrival (the router has no tokenizer)
-    prompt_text: str              # for prefix affinity
+    prompt_text: str              # for prefix affinity (dropped once the request ended)
     max_tokens: int | None
     arrival: float                # monotonic seconds
     estimate: Estimate
@@ -102,10 +75,6 @@ class RequestView:
         PLP prediction (a non-streamed answer is only counted when it is done)."""
         return max(self.generated, self.estimate.step if self.estimate.source == "plp" else 0)
 
-    def kv_tokens(self, quantile: float) -> float:
-        """KV tokens this request will hold at its end, at `quantile`."""
-        return self.prompt_tokens + self.generated + self.estimate.remaining(quantile, self.generated)
-
 
 @dataclass
 class EngineLoad:
@@ -118,63 +87,26 @@ class EngineLoad:
     token_usage: float = 0.0
     gen_throughput: float = 0.0
 
-    @classmethod
-    def from_v1_loads(cls, payload: Mapping) -> "EngineLoad":
-        ranks = payload.get("loads") or []
-        return cls(
-            num_running_reqs=sum(int(r.get("num_running_reqs", 0)) for r in ranks),
-            num_waiting_reqs=sum(int(r.get("num_waiting_reqs", 0)) for r in ranks),
-            num_used_tokens=sum(int(r.get("num_used_tokens", 0)) for r in ranks),
-            max_total_num_tokens=sum(int(r.get("max_total_num_tokens", 0)) for r in ranks),
-            token_usage=max((float(r.get("token_usage", 0.0)) for r in ranks), default=0.0),
-            gen_throughput=sum(float(r.get("gen_throughput", 0.0)) for r in ranks),
-        )
 
-
-@dataclass
-class ReplicaView:
-    """One engine replica: its last reported load and the requests this router has running there."""
+class ReplicaView(Protocol):
+    """One engine replica: its last reported load and the requests this router has running there.
+    The accounting methods add what the engine's (stale) report cannot know yet."""
 
     name: str
-    load: EngineLoad = field(default_factory=EngineLoad)
-    inflight: dict[str, RequestView] = field(default_factory=dict)
-    load_seq: int = -1
-    """Dispatch `seq` when `load` was requested: requests dispatched later are not in the report
-    (-1: no report taken into account yet, every in-flight request counts as unreported)."""
+    load: EngineLoad
+    inflight: Mapping[str, RequestView]
 
     def predicted_remaining(self, quantile: float) -> float:
-        """Decode tokens still to come on this replica from the router's in-flight requests:
-        the sum of `r.estimate.remaining(quantile, r.generated)`, inlined because scorers and
-        admitters call it for every replica on every placement (O(in-flight) each time)."""
-        k, total = _quantile_factor(quantile), 0.0
-        for r in self.inflight.values():
-            e = r.estimate
-            rem = (e.remaining_p50 if k == 0.0 else e.remaining_p90 if k == 1.0
-                   else max(e.remaining_p50 + (e.remaining_p90 - e.remaining_p50) * k, 0.0))
-            ahead = r.generated - e.step
-            if ahead > 0:
-                rem -= ahead
-            if rem > 0:
-                total += rem
-        return total
+        """Decode tokens still to come on this replica from the router's in-flight requests, at
+        `quantile` of each request's remaining-length estimate."""
 
     def current_tokens(self) -> int:
         """KV tokens in use: the engine's report plus the prompts dispatched since it was taken,
-        or the router's own count when that is larger. Without the unreported prompts a stale
-        report hid the router's own dispatches, and load-based placement sent a burst of
-        arrivals to the replica that had just drained (docs/results/schedule.md, 60 req/s)."""
-        own = unreported = 0
-        for r in self.inflight.values():
-            own += r.prompt_tokens + r.generated
-            if r.seq > self.load_seq:
-                unreported += r.prompt_tokens
-        return max(self.load.num_used_tokens + unreported, own)
+        or the router's own count when that is larger."""
 
     def current_requests(self) -> int:
         """Running + waiting requests: the engine's report plus those dispatched since, or the
         router's own count when that is larger."""
-        unreported = sum(1 for r in self.inflight.values() if r.seq > self.load_seq)
-        return max(self.load.num_running_reqs + self.load.num_waiting_reqs + unreported, len(self.inflight))
 
 
 class Verdict(str, enum.Enum):
@@ -208,8 +140,8 @@ class PluginParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-class Plugin:
-    """Base of all plugins. Hooks default to no-ops so simple plugins stay small."""
+class Plugin(abc.ABC):
+    """Base of all plugins. A plugin class is its own factory: `cls(name, params, handle)`."""
 
     type_name: ClassVar[str]
     role: ClassVar[Role]
@@ -234,16 +166,19 @@ class Admitter(Plugin):
     role = Role.ADMITTER
 
     def admit(self, req: RequestView, replicas: Sequence[ReplicaView]) -> Admission:
-        """Decide whether `req` may be dispatched now to one of the healthy `replicas`."""
-        raise NotImplementedError
+        """Decide whether `req` may be dispatched now to one of the healthy `replicas`.
+        Default: admit it to any of them."""
+        return Admission.admit()
 
 
 class Orderer(Plugin):
     role = Role.ORDERER
 
-    def key(self, req: RequestView, now: float) -> float:
-        """Sort key in the router queue: the smallest key is dispatched first."""
-        raise NotImplementedError
+    def key(self, req: RequestView) -> float:
+        """Sort key in the router queue: the smallest key is dispatched first. It must not change
+        as time passes (express aging as a virtual deadline), only when the request's estimate
+        does: the queue is a heap keyed once per estimate. Default: arrival time (FCFS)."""
+        return req.arrival
 
     def engine_priority(self, req: RequestView, now: float) -> int | None:
         """SGLang `priority` to send with the request (None: leave it unset)."""
@@ -253,17 +188,17 @@ class Orderer(Plugin):
 class Scorer(Plugin):
     role = Role.SCORER
 
+    @abc.abstractmethod
     def score(self, req: RequestView, replicas: Sequence[ReplicaView]) -> dict[str, float]:
         """Score each candidate replica in [0, 1]; higher is better. Values are clamped."""
-        raise NotImplementedError
 
 
 class Picker(Plugin):
     role = Role.PICKER
 
+    @abc.abstractmethod
     def pick(self, req: RequestView, scores: Mapping[str, float]) -> str:
         """Choose one replica from the weighted total scores (never empty)."""
-        raise NotImplementedError
 
 
 @dataclass
@@ -301,9 +236,9 @@ class Batcher(Plugin):
     needs_predictions: ClassVar[bool] = True
     """Whether the batch runner should probe (prefill-only) first so EGTP predictions exist."""
 
+    @abc.abstractmethod
     def plan(self, reqs: Sequence[RequestView], replicas: Sequence[ReplicaView]) -> BatchPlan:
         """Group `reqs` (a known set, each with its estimate) into micro-batches on `replicas`."""
-        raise NotImplementedError
 
     def continue_plan(self, reqs: Sequence[RequestView], replicas: Sequence[ReplicaView]) -> BatchPlan:
         """Plan the continuations of requests that hit their micro-batch's cap (FCR). Default:
@@ -331,8 +266,9 @@ class Preemptor(Plugin):
     def select(self, replicas: Sequence[ReplicaView], now: float) -> list[Move]:
         """Requests to move now (called on prediction updates and load reports, coalesced to at
         most once per `interval_s`). `replicas` are the healthy ones; requests with `pinned` set
-        must not be chosen. The router may refuse a move (the request finished meanwhile)."""
-        raise NotImplementedError
+        must not be chosen. The router may refuse a move (the request finished meanwhile).
+        Default: none."""
+        return []
 
     def on_move(self, req: RequestView, source: str, target: str, now: float) -> None:
         """Called when the router carries out a move (after `select`)."""

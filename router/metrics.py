@@ -11,6 +11,7 @@ class RouterMetrics:
     def __init__(self) -> None:
         self._answered: dict = {}
         self._estimates: dict = {}
+        self._transitions: dict = {}
         self.registry = r = CollectorRegistry()
         self.requests = Counter("lenpred_router_requests", "Requests answered, by API and HTTP status.",
                                 ["api", "code"], registry=r)
@@ -40,6 +41,12 @@ class RouterMetrics:
                                   "Moves decided for requests that finished before the abort landed.", registry=r)
         self.reloads = Counter("lenpred_router_policy_reloads", "Policy file reloads, by result.", ["result"],
                                registry=r)
+        self.transitions = Counter("lenpred_router_request_transitions",
+                                   "Request state changes (router/lifecycle.py), by from and to state.",
+                                   ["from_state", "to_state"], registry=r)
+        self.illegal_transitions = Counter("lenpred_router_illegal_transitions",
+                                           "State changes the request state machine refused (a router bug).",
+                                           registry=r)
         self.queue_depth = Gauge("lenpred_router_queue_depth", "Requests waiting in the router queue.", registry=r)
         self.redis_connected = Gauge("lenpred_router_redis_connected", "1 while the event stream is followed.",
                                      registry=r)
@@ -69,3 +76,13 @@ class RouterMetrics:
             child = self._estimates[source] = self.estimates.labels(source)
         child.inc()
         self.queue_wait.observe(queued_s)
+
+    def transition(self, frm, to) -> None:
+        key = (frm, to)
+        child = self._transitions.get(key)
+        if child is None:
+            child = self._transitions[key] = self.transitions.labels(frm.value, to.value)
+        child.inc()
+
+    def illegal_transition(self, frm, to) -> None:
+        self.illegal_transitions.inc()

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "generate": "/generate"}
+"""The engine path of each API the router serves (the same paths on the router and on SGLang)."""
+APIS = {path: api for api, path in PATHS.items()}
+
 CHARS_PER_TOKEN = 4
 CHAT_TOKENS_PER_MESSAGE = 4   # role markers of a chat template
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI / SGLang CompletionRequest default

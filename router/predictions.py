@@ -6,6 +6,7 @@ any failure degrades to the fallback estimate; a request never fails because of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -15,20 +16,11 @@ from typing import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from lenpred.contract.keys import PredictionRecord, events_channel, pred_key
+from lenpred.contract.keys import events_channel, pred_key
+from lenpred.contract.prediction import Estimate, Prediction
 from lenpred.router.config import FallbackSettings, PredictionSettings
-from lenpred.router.interfaces import Estimate
 
 log = logging.getLogger(__name__)
-
-
-def estimate_from_record(rec: PredictionRecord, max_tokens: int | None) -> Estimate:
-    """The record's numbers, capped by the request's own max_tokens."""
-    cap = float(max_tokens) if max_tokens else float("inf")
-    rem_cap = max(cap - rec.step, 0.0)
-    return Estimate(p50=min(rec.p50, cap), p90=min(rec.p90, cap),
-                    remaining_p50=min(rec.remaining_p50, rem_cap), remaining_p90=min(rec.remaining_p90, rem_cap),
-                    step=rec.step, source=rec.source, ts=rec.ts)
 
 
 class HistoryFallback:
@@ -71,7 +63,7 @@ class HistoryFallback:
             p90 = p50 * self.settings.p90_factor
         if max_tokens:
             p50, p90 = min(p50, max_tokens), min(p90, max_tokens)
-        return Estimate(p50=p50, p90=p90, remaining_p50=p50, remaining_p90=p90, source="fallback")
+        return Estimate.constant(p50, p90)
 
 
 class PredictionStore:
@@ -79,7 +71,7 @@ class PredictionStore:
 
     def __init__(self, redis_url: str | None, namespace: str,
                  settings: Callable[[], PredictionSettings],
-                 on_prediction: Callable[[PredictionRecord], None],
+                 on_prediction: Callable[[Prediction], None],
                  on_finished: Callable[[dict], None]):
         self.redis_url, self.namespace = redis_url, namespace
         self._settings = settings
@@ -109,27 +101,27 @@ class PredictionStore:
         if self._client:
             await self._client.aclose()
 
-    def fresh(self, rec: PredictionRecord) -> bool:
+    def fresh(self, rec: Prediction) -> bool:
         return time.time() - rec.ts <= self._settings().max_age_s
 
-    async def get(self, rid: str) -> PredictionRecord | None:
+    async def get(self, rid: str) -> Prediction | None:
         """The stored record for `rid` (fresh or not), or None if absent or Redis is unreachable."""
         if self._client is None:
             return None
         try:
             h = await asyncio.wait_for(self._client.hgetall(pred_key(self.namespace, rid)),
                                        self._settings().redis_timeout_s * 2)
-            return PredictionRecord.from_hash(h) if h else None
-        except (RedisError, OSError, asyncio.TimeoutError, KeyError, ValueError) as e:
+            return Prediction.from_hash(h) if h else None
+        except (RedisError, OSError, asyncio.TimeoutError, ValueError) as e:
             log.debug("prediction read for %s failed: %s", rid, e)
             return None
 
-    async def get_many(self, rids: list[str], timeout_s: float = 2.0) -> dict[str, PredictionRecord]:
+    async def get_many(self, rids: list[str], timeout_s: float = 2.0) -> dict[str, Prediction]:
         """Records for many rids in one pipelined round trip (batch planning; a longer timeout than
         the per-request path, because a batch can afford to wait for its predictions)."""
         if self._client is None or not rids:
             return {}
-        out: dict[str, PredictionRecord] = {}
+        out: dict[str, Prediction] = {}
         try:
             for i in range(0, len(rids), 500):
                 chunk = rids[i:i + 500]
@@ -139,8 +131,9 @@ class PredictionStore:
                     rows = await asyncio.wait_for(p.execute(), timeout_s)
                 for rid, h in zip(chunk, rows):
                     if h:
-                        out[rid] = PredictionRecord.from_hash(h)
-        except (RedisError, OSError, asyncio.TimeoutError, KeyError, ValueError) as e:
+                        with contextlib.suppress(ValueError):   # one bad record is one missing prediction
+                            out[rid] = Prediction.from_hash(h)
+        except (RedisError, OSError, asyncio.TimeoutError, ValueError) as e:
             log.warning("batch prediction read failed: %s", e)
         return out
 
@@ -176,7 +169,7 @@ class PredictionStore:
             kind = event.pop("type")
             if kind == "prediction":
                 self.received += 1
-                self._on_prediction(PredictionRecord.from_hash(event))
+                self._on_prediction(Prediction.from_hash(event))
             elif kind == "finished":
                 self._on_finished(event)
         except (ValueError, KeyError, TypeError) as e:

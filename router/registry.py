@@ -1,13 +1,27 @@
 """Explicit plugin registry: type name -> plugin class (the class is its own factory).
 
-Every plugin type is registered in `register_all()` and nowhere else, so importing a plugin module
-has no side effects and the list of types is greppable in one place.
+Every plugin type is registered in `register_all()` and nowhere else (plugin modules import only the
+contracts), so importing a plugin module has no side effects and the list of types is greppable in
+one place.
 """
 from __future__ import annotations
 
 import re
 
 from lenpred.router.interfaces import Plugin, Role
+from lenpred.router.plugins.admission.predicted_kv import PredictedKVAdmitter
+from lenpred.router.plugins.batching.fcfs import FCFSBatcher
+from lenpred.router.plugins.batching.length_bucket import LengthBucketBatcher
+from lenpred.router.plugins.batching.lpt import LPTBatcher
+from lenpred.router.plugins.ordering.fcfs import FCFSOrderer
+from lenpred.router.plugins.ordering.predicted_srpt import PredictedSRPTOrderer
+from lenpred.router.plugins.picking.max_score import MaxScorePicker
+from lenpred.router.plugins.picking.weighted_random import WeightedRandomPicker
+from lenpred.router.plugins.preemption.rebalance import RebalancePreemptor
+from lenpred.router.plugins.scoring.least_load import LeastLoadScorer
+from lenpred.router.plugins.scoring.predicted_load import PredictedLoadScorer
+from lenpred.router.plugins.scoring.prefix_affinity import PrefixAffinityScorer
+from lenpred.router.plugins.scoring.round_robin import RoundRobinScorer
 
 _TYPE_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _REGISTRY: dict[str, type[Plugin]] = {}
@@ -38,20 +52,6 @@ def register_all() -> None:
     """Register every built-in plugin type (idempotent)."""
     if _REGISTRY:
         return
-    from lenpred.router.plugins.admission.predicted_kv import PredictedKVAdmitter
-    from lenpred.router.plugins.batching.fcfs import FCFSBatcher
-    from lenpred.router.plugins.batching.length_bucket import LengthBucketBatcher
-    from lenpred.router.plugins.batching.lpt import LPTBatcher
-    from lenpred.router.plugins.ordering.fcfs import FCFSOrderer
-    from lenpred.router.plugins.ordering.predicted_srpt import PredictedSRPTOrderer
-    from lenpred.router.plugins.picking.max_score import MaxScorePicker
-    from lenpred.router.plugins.picking.weighted_random import WeightedRandomPicker
-    from lenpred.router.plugins.preemption.rebalance import RebalancePreemptor
-    from lenpred.router.plugins.scoring.least_load import LeastLoadScorer
-    from lenpred.router.plugins.scoring.predicted_load import PredictedLoadScorer
-    from lenpred.router.plugins.scoring.prefix_affinity import PrefixAffinityScorer
-    from lenpred.router.plugins.scoring.round_robin import RoundRobinScorer
-
     register("predicted-kv-admitter", PredictedKVAdmitter)
     register("fcfs-orderer", FCFSOrderer)
     register("predicted-srpt-orderer", PredictedSRPTOrderer)

@@ -3,25 +3,79 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import httpx
 
+from lenpred.contract.prediction import quantile_factor
 from lenpred.router.config import ReplicaSettings
-from lenpred.router.interfaces import EngineLoad, ReplicaView, RequestView
+from lenpred.router.interfaces import EngineLoad, RequestView
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Replica(ReplicaView):
-    """A replica is named by its base URL. It starts out of the pool until a poll succeeds."""
+def parse_v1_loads(payload: Mapping) -> EngineLoad:
+    """SGLang 0.5.23's `GET /v1/loads` answer, summed over its DP ranks."""
+    ranks = payload.get("loads") or []
+    return EngineLoad(
+        num_running_reqs=sum(int(r.get("num_running_reqs", 0)) for r in ranks),
+        num_waiting_reqs=sum(int(r.get("num_waiting_reqs", 0)) for r in ranks),
+        num_used_tokens=sum(int(r.get("num_used_tokens", 0)) for r in ranks),
+        max_total_num_tokens=sum(int(r.get("max_total_num_tokens", 0)) for r in ranks),
+        token_usage=max((float(r.get("token_usage", 0.0)) for r in ranks), default=0.0),
+        gen_throughput=sum(float(r.get("gen_throughput", 0.0)) for r in ranks),
+    )
 
+
+@dataclass(eq=False)
+class Replica:
+    """One engine replica (a `ReplicaView` for plugins), named by its base URL. It starts out of
+    the pool until a poll succeeds."""
+
+    name: str
+    load: EngineLoad = field(default_factory=EngineLoad)
+    inflight: dict[str, RequestView] = field(default_factory=dict)
+    load_seq: int = -1
+    """Dispatch `seq` when `load` was requested: requests dispatched later are not in the report
+    (-1: no report taken into account yet, every in-flight request counts as unreported)."""
     healthy: bool = False
     fails: int = 0
     oks: int = 0
     last_error: str = ""
+
+    def predicted_remaining(self, quantile: float) -> float:
+        """Sum of `r.estimate.remaining(quantile, r.generated)` over the in-flight requests, inlined
+        because scorers and admitters call it for every replica on every placement."""
+        k, total = quantile_factor(quantile), 0.0
+        for r in self.inflight.values():
+            e = r.estimate
+            rem = (e.remaining_p50 if k == 0.0 else e.remaining_p90 if k == 1.0
+                   else max(e.remaining_p50 + (e.remaining_p90 - e.remaining_p50) * k, 0.0))
+            ahead = r.generated - e.step
+            if ahead > 0:
+                rem -= ahead
+            if rem > 0:
+                total += rem
+        return total
+
+    def current_tokens(self) -> int:
+        """KV tokens in use: the engine's report plus the prompts dispatched since it was taken,
+        or the router's own count when that is larger. Without the unreported prompts a stale
+        report hid the router's own dispatches, and load-based placement sent a burst of
+        arrivals to the replica that had just drained (docs/results/schedule.md, 60 req/s)."""
+        own = unreported = 0
+        for r in self.inflight.values():
+            own += r.prompt_tokens + r.generated
+            if r.seq > self.load_seq:
+                unreported += r.prompt_tokens
+        return max(self.load.num_used_tokens + unreported, own)
+
+    def current_requests(self) -> int:
+        """Running + waiting requests: the engine's report plus those dispatched since, or the
+        router's own count when that is larger."""
+        unreported = sum(1 for r in self.inflight.values() if r.seq > self.load_seq)
+        return max(self.load.num_running_reqs + self.load.num_waiting_reqs + unreported, len(self.inflight))
 
 
 class ReplicaPool:
@@ -74,7 +128,7 @@ class ReplicaPool:
                                             response=health)
             loads = await self.client.get(f"{r.name}/v1/loads", params={"include": "core"}, timeout=timeout)
             loads.raise_for_status()
-            r.load, r.load_seq = EngineLoad.from_v1_loads(loads.json()), seq
+            r.load, r.load_seq = parse_v1_loads(loads.json()), seq
         except (httpx.HTTPError, ValueError) as e:
             self.mark_fail(r, f"{type(e).__name__}: {e}")
             return

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from lenpred.contract import keys, wire
+from lenpred.contract.prediction import Prediction
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.sidecar.batcher import MicroBatcher
 from lenpred.sidecar.learn import LearnConfig, Learning
@@ -169,29 +170,27 @@ class LengthPredictorService:
             raise BadInput("the EGTP head needs prefill.vectors (the tap's entropy pool is off)")
         return pair.egtp, "pooled"
 
-    async def _prefill(self, head, rids, x: torch.Tensor, prompt_tokens) -> list[keys.PredictionRecord]:
+    async def _prefill(self, head, rids, x: torch.Tensor, prompt_tokens) -> list[Prediction]:
         out = await self.batcher.predict(head, x)
         now, ver, src = time.time(), head.meta.version, head.meta.kind
         recs = []
         for i, rid in enumerate(rids):
             p50, p90 = float(out["p50"][i]), float(out["p90"][i])
-            recs.append(keys.PredictionRecord(
-                rid=rid, p50=p50, p90=p90, mean=float(out["mean"][i]), remaining_p50=p50, remaining_p90=p90,
-                step=0, source=src, head_version=ver, ts=now,
+            recs.append(Prediction.after(
+                rid, 0, p50, p90, float(out["mean"][i]), source=src, head_version=ver, ts=now,
                 prompt_tokens=int(prompt_tokens[i]) if prompt_tokens else 0))
         return recs
 
     async def _plp(self, pair: HeadPair, rids, hp: torch.Tensor, x: torch.Tensor, steps,
-                   prompt_tokens=None) -> list[keys.PredictionRecord]:
+                   prompt_tokens=None) -> list[Prediction]:
         out = await self.batcher.predict(pair.plp, torch.cat([hp, x], 1))
         now, ver = time.time(), pair.plp.meta.version
         recs = []
         for i, rid in enumerate(rids):
             s = int(steps[i])
             r50, r90 = float(out["p50"][i]), float(out["p90"][i])
-            recs.append(keys.PredictionRecord(
-                rid=rid, p50=s + r50, p90=s + r90, mean=s + float(out["mean"][i]), remaining_p50=r50,
-                remaining_p90=r90, step=s, source="plp", head_version=ver, ts=now,
+            recs.append(Prediction.after(
+                rid, s, r50, r90, float(out["mean"][i]), source="plp", head_version=ver, ts=now,
                 prompt_tokens=int(prompt_tokens[i]) if prompt_tokens else 0))
         return recs
 
@@ -215,7 +214,7 @@ class LengthPredictorService:
         try:
             if total > self.cfg.max_rows_per_message:
                 raise BadInput(f"{total} rows exceed the limit of {self.cfg.max_rows_per_message} per message")
-            records: list[keys.PredictionRecord] = []
+            records: list[Prediction] = []
             notes: list[str] = []
             rejected = 0
             key = (b.head.model_id, b.head.hidden_size, b.head.layer)

@@ -11,6 +11,7 @@ import time
 import redis.asyncio as aioredis
 
 from lenpred.contract import keys
+from lenpred.contract.prediction import Prediction
 
 log = logging.getLogger("lenpred.sidecar")
 
@@ -37,7 +38,7 @@ class PredictionStore:
             log.warning("redis write failed (%s); predictions are not stored until it is back", e)
             self._last_log = now
 
-    async def write(self, records: list[keys.PredictionRecord], finished: list[dict]) -> bool:
+    async def write(self, records: list[Prediction], finished: list[dict]) -> bool:
         """One pipeline for everything one ingest batch produced."""
         if self.r is None or not (records or finished):
             return self.r is not None

@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from lenpred.harness.emulator import serve_in_thread, start_in_thread
-from lenpred.contract.keys import PredictionRecord, events_channel, pred_key
+from lenpred.contract.keys import events_channel, pred_key
+from lenpred.contract.prediction import Prediction
 from lenpred.harness.redisproc import free_port
 from lenpred.router.app import make_app
 from lenpred.router.config import RouterConfig
@@ -61,8 +62,11 @@ def servers(tmp_path):
         return httpx.Client(base_url=router.url, timeout=30), emus, path
 
     yield start
+    routers = [s.server.config.app.state.router for s in started if hasattr(s.server.config.app.state, "router")]
     for s in reversed(started):
         s.stop()
+    for router in routers:   # every test also checks that the request state machine refused nothing
+        assert router.metrics.registry.get_sample_value("lenpred_router_illegal_transitions_total") == 0
 
 
 def chat(n_out=8, stream=False, text="hello there", **extra):
@@ -114,7 +118,7 @@ def test_completions_generate_models_and_client_priority(servers):
 
 
 def publish_prediction(url: str, rid: str, p50: float, source="egtp", step=0, ts=None):
-    rec = PredictionRecord(rid=rid, p50=p50, p90=p50 * 1.5, mean=p50, remaining_p50=p50 - step,
+    rec = Prediction(rid=rid, p50=p50, p90=p50 * 1.5, mean=p50, remaining_p50=p50 - step,
                            remaining_p90=p50 * 1.5 - step, step=step, source=source, head_version="test",
                            ts=time.time() if ts is None else ts, prompt_tokens=10)
     r = redis.Redis.from_url(url)
@@ -125,7 +129,9 @@ def publish_prediction(url: str, rid: str, p50: float, source="egtp", step=0, ts
 
 
 def test_predictions_pushed_through_redis_are_used(servers, redis_url):
-    client, emus, _ = servers(redis_url=redis_url, backends=1, step_base_s=0.01)
+    # a Redis read timeout a loaded CI box meets (the default 50 ms is for a serving router)
+    client, emus, _ = servers(PREDICTED + "predictions: {redis_timeout_s: 1.0}\n", redis_url=redis_url, backends=1,
+                              step_base_s=0.01)
     wait_for(lambda: client.get("/health").json()["redis"] == "connected", what="subscription")
     # Streaming: the estimate in flight switches from the fallback to the pushed EGTP prediction.
     with client.stream("POST", "/v1/chat/completions", json=chat(40, stream=True)) as s:
@@ -139,7 +145,8 @@ def test_predictions_pushed_through_redis_are_used(servers, redis_url):
 
     # Non-streaming: the header carries the latest stored prediction (the sidecar wrote it mid-flight).
     result = {}
-    t = threading.Thread(target=lambda: result.update(r=client.post("/v1/chat/completions", json=chat(40))))
+    # long enough (3 s) that the record lands before the answer ends, even on a loaded box
+    t = threading.Thread(target=lambda: result.update(r=client.post("/v1/chat/completions", json=chat(300))))
     t.start()
     wait_for(lambda: len(received(emus[0])) == 2, what="second request at the backend")
     publish_prediction(redis_url, received(emus[0])[-1]["rid"], p50=77, source="plp", step=5)

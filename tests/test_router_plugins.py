@@ -119,7 +119,7 @@ SRPT = policy("  - {name: srpt, type: predicted-srpt-orderer, parameters: {aging
 def test_fcfs_orders_by_arrival_and_sets_no_priority():
     sim = make_router(policy())
     reqs = make_requests(3, p50=[500, 10, 100], arrival=[3.0, 1.0, 2.0])
-    order = sorted(reqs, key=lambda r: sim.profile.orderer.key(r, now=5.0))
+    order = sorted(reqs, key=sim.profile.orderer.key)
     assert [r.rid for r in order] == ["req1", "req2", "req0"]
     assert sim.profile.orderer.engine_priority(reqs[0], 5.0) is None
 
@@ -127,10 +127,11 @@ def test_fcfs_orders_by_arrival_and_sets_no_priority():
 def test_srpt_orders_by_predicted_remaining_with_aging():
     orderer = make_router(SRPT).profile.orderer
     reqs = make_requests(3, p50=[500, 10, 100], arrival=0.0)
-    assert [r.rid for r in sorted(reqs, key=lambda r: orderer.key(r, 0.0))] == ["req1", "req2", "req0"]
+    assert [r.rid for r in sorted(reqs, key=orderer.key)] == ["req1", "req2", "req0"]
+    # aging as a virtual deadline: every aging_seconds (10) waited halves the effective length
     old_long = make_request("old", p50=500, arrival=0.0)
-    new_short = make_request("new", p50=50, arrival=100.0)
-    assert orderer.key(old_long, 100.0) < orderer.key(new_short, 100.0)  # waited 10x aging: 500/11 < 50
+    assert orderer.key(old_long) < orderer.key(make_request("new", p50=50, arrival=40.0))   # 500 / 2^4 < 50
+    assert orderer.key(old_long) > orderer.key(make_request("new", p50=50, arrival=30.0))   # 500 / 2^3 > 50
 
 
 def test_srpt_engine_priority_is_a_log_size_class():

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lenpred.contract import keys, wire
+from lenpred.contract.prediction import Prediction
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 from lenpred.sidecar.server import SidecarConfig
@@ -64,7 +65,7 @@ def test_predict_returns_ordered_quantiles_and_writes_redis(stub, redis_url):
     assert [p.rid for p in r.predictions] == ["a", "b", "c"]
     for p in r.predictions:
         assert 0 < p.p50 <= p.p90 and p.source == "egtp" and p.head_version == "t1"
-    rec = keys.PredictionRecord.from_hash(redis.Redis.from_url(redis_url).hgetall(keys.pred_key("default", "b")))
+    rec = Prediction.from_hash(redis.Redis.from_url(redis_url).hgetall(keys.pred_key("default", "b")))
     assert math.isclose(rec.p50, r.predictions[1].p50, rel_tol=1e-5)
 
 
@@ -85,7 +86,7 @@ def test_ingest_prefill_decode_finished_flow(stub, redis_url):
     acks = ingest(stub, pre)
     acks += ingest(stub, dec, fin)
     assert {a.seq: (a.accepted, a.rejected, a.code) for a in acks} == {1: (2, 0, 0), 2: (1, 0, 0), 3: (1, 0, 0)}
-    rec = keys.PredictionRecord.from_hash(r.hgetall(keys.pred_key("default", "r1")))
+    rec = Prediction.from_hash(r.hgetall(keys.pred_key("default", "r1")))
     assert rec.source == "plp" and rec.step == 8 and rec.p50 >= 8 and rec.true_len == 33 and rec.prompt_tokens == 10
     assert 0 < r.ttl(keys.pred_key("default", "r1")) <= keys.DEFAULT_TTL_S
     entries = r.xrange(keys.finished_stream("default"))

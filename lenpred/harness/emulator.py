@@ -59,7 +59,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lenpred.contract.keys import PredictionRecord, events_channel, pred_key
+from lenpred.contract.keys import events_channel, pred_key
+from lenpred.contract.prediction import Prediction
 from lenpred.harness.redisproc import free_port
 
 VERSION = "0.5.23"
@@ -529,10 +530,9 @@ class _Publisher:
         remaining = max(r.true_len - done, 0) * r.noise
         sigma = self.cfg.prediction_sigma or 0.5
         spread = math.exp(1.2816 * sigma)
-        rec = PredictionRecord(rid=r.rid, p50=step + remaining, p90=step + remaining * spread,
-                               mean=step + remaining, remaining_p50=remaining, remaining_p90=remaining * spread,
-                               step=step, source="egtp" if egtp else "plp", head_version="emulator",
-                               ts=time.time(), prompt_tokens=r.prompt_len)
+        rec = Prediction.after(r.rid, step, remaining, remaining * spread, remaining,
+                               source="egtp" if egtp else "plp", head_version="emulator", ts=time.time(),
+                               prompt_tokens=r.prompt_len)
         self._put(("pred", rec))
 
     def finished(self, r: _Req, aborted: bool) -> None:

@@ -1,11 +1,8 @@
 """fcfs-orderer: first come, first served."""
 from __future__ import annotations
 
-from lenpred.router.interfaces import Orderer, RequestView
+from lenpred.router.interfaces import Orderer
 
 
 class FCFSOrderer(Orderer):
-    """Dispatch in arrival order; sends no engine priority."""
-
-    def key(self, req: RequestView, now: float) -> float:
-        return req.arrival
+    """Dispatch in arrival order (the Orderer defaults: key = arrival, no engine priority)."""

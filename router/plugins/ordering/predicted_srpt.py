@@ -12,8 +12,9 @@ class PredictedSRPTParameters(PluginParameters):
     quantile: float = Field(0.5, ge=0.5, le=0.99)
     """Quantile of the output-length estimate to order by."""
     aging_seconds: float = Field(20.0, gt=0.0)
-    """Starvation guard: a request's effective length halves after waiting this long, and keeps
-    shrinking (length / (1 + wait / aging_seconds)), so every request is served eventually."""
+    """Starvation guard: a request's effective length halves for every `aging_seconds` it waits,
+    so every request is served eventually (a request that waited this long ranks with a new one
+    half its size)."""
     engine_priority: bool = True
     """Also send SGLang a `priority` (needs `--enable-priority-scheduling` on the engine)."""
     low_priority_values_first: bool = False
@@ -21,7 +22,15 @@ class PredictedSRPTParameters(PluginParameters):
 
 
 class PredictedSRPTOrderer(Orderer):
-    """Order the router queue by predicted remaining tokens (SJF for requests not yet started).
+    """Order the router queue by predicted remaining tokens (SJF for requests not yet started),
+    with aging as a virtual deadline that does not move with time:
+
+        key = arrival + aging_seconds x log2(1 + remaining)
+
+    Two requests swap places only when one waited `aging_seconds` x log2(size ratio) longer: a
+    request that waited `aging_seconds` ranks with a new one half its size, after 2 x
+    `aging_seconds` with one a quarter its size. The key changes only when the estimate does, so
+    the queue re-keys one request per prediction update (a heap), never re-sorts.
 
     The engine priority is -ceil(log2(1 + remaining)): a coarse size class, so only large length
     differences exceed SGLang's priority-preemption threshold (default 10 classes apart).
@@ -30,9 +39,9 @@ class PredictedSRPTOrderer(Orderer):
     Parameters = PredictedSRPTParameters
     params: PredictedSRPTParameters
 
-    def key(self, req: RequestView, now: float) -> float:
-        wait = max(now - req.arrival, 0.0)
-        return req.estimate.remaining(self.params.quantile, req.generated) / (1.0 + wait / self.params.aging_seconds)
+    def key(self, req: RequestView) -> float:
+        rem = req.estimate.remaining(self.params.quantile, req.generated)
+        return req.arrival + self.params.aging_seconds * math.log2(1.0 + rem)
 
     def engine_priority(self, req: RequestView, now: float) -> int | None:
         if not self.params.engine_priority:
