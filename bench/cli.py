@@ -14,6 +14,7 @@ BENCHES = {
     "entropy": ("lenpred.bench.entropy_cost", "prompt-token entropy: cost and cheaper approximations"),
     "schedule": ("lenpred.bench.schedule", "router policies replayed on real length traces"),
     "router": ("lenpred.bench.router_overhead", "router overhead in front of fast stub backends"),
+    "queue": ("lenpred.bench.queue", "router queue cost with 10k requests waiting (heap vs re-sorted list)"),
     "crosscheck": ("lenpred.bench.crosscheck", "the same workload on real SGLang replicas and on the emulator"),
 }
 
