@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from lenpred.bench import report
 from lenpred.harness.redisproc import free_port
 
@@ -236,6 +238,14 @@ def _loadgen(url: str, mode: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cpu_s(proc: subprocess.Popen | None) -> float:
+    """User + system CPU seconds of a target process and its children (0 for none)."""
+    if proc is None:
+        return 0.0
+    p = psutil.Process(proc.pid)
+    return sum(sum(q.cpu_times()[:2]) for q in [p, *p.children(recursive=True)])
+
+
 def _start_target(name: str, backends: list[str], port: int, args, log) -> subprocess.Popen | None:
     if name == "lenpred":
         policy = args.policy or str(POLICY_DIR / "default.yaml")
@@ -276,15 +286,16 @@ def render(result: dict) -> str:
     direct = next((r for r in result["targets"] if r["target"] == "direct"), None)
     for r in result["targets"]:
         c, o = r.get("closed") or {}, r.get("open") or {}
-        row = {"target": r["target"], "closed_rps": c.get("rps"), "closed_p50_ms": c.get("p50_ms"),
+        row = {"target": r["target"], "closed_rps": c.get("rps"), "cpu_us_per_request": c.get("cpu_us_per_request"),
+               "closed_p50_ms": c.get("p50_ms"),
                "closed_p99_ms": c.get("p99_ms"), "open_p50_ms": o.get("p50_ms"), "open_p99_ms": o.get("p99_ms"),
                "errors": (c.get("errors") or 0) + (o.get("errors") or 0)}
         if direct and r is not direct and o and direct.get("open"):
             row["added_p50_ms"] = o["p50_ms"] - direct["open"]["p50_ms"]
             row["added_p99_ms"] = o["p99_ms"] - direct["open"]["p99_ms"]
         rows.append(row)
-    cols = ["target", "closed_rps", "closed_p50_ms", "closed_p99_ms", "open_p50_ms", "open_p99_ms",
-            "added_p50_ms", "added_p99_ms", "errors"]
+    cols = ["target", "closed_rps", "cpu_us_per_request", "closed_p50_ms", "closed_p99_ms", "open_p50_ms",
+            "open_p99_ms", "added_p50_ms", "added_p99_ms", "errors"]
     lines = ["### `lenpred bench router` — router overhead (stub backends)", "",
              f"Command: `{result['command']}`", "",
              f"{a['backends']} stub backends (raw ASGI on uvicorn, one process); load generator in its own process "
@@ -362,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
                         _wait_http(url + ("/ready" if name == "lenpred" else "/health"), proc=proc)
                         time.sleep(1.0)
                     path = url + "/v1/chat/completions"
+                    cpu0 = _cpu_s(proc)
                     entry["closed"] = _loadgen(path, "closed", args)
+                    if proc is not None:
+                        # CPU per request is what the router costs, and it is far less disturbed
+                        # than req/s when the machine is shared
+                        entry["closed"]["cpu_us_per_request"] = (_cpu_s(proc) - cpu0) / max(
+                            entry["closed"]["requests"], 1) * 1e6
                     entry["open"] = _loadgen(path, "open", args)
                 except Exception as e:  # noqa: BLE001 - report, go on with the next target
                     entry["error"] = f"{type(e).__name__}: {e}"
