@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 API_VERSION = "lenpred.io/v1alpha1"
 KIND = "RouterPolicy"
 DEFAULT_PROFILE = "default"
+MAX_POLICY_BYTES = 1 << 20
 
 
 class _Strict(BaseModel):
@@ -91,8 +92,11 @@ class FallbackSettings(_Strict):
     """p90 = p50 x p90_factor for the constant estimate."""
     min_samples: int = Field(20, ge=1)
     """Finished requests an input-length bucket needs before its history is used."""
-    window: int = Field(2000, ge=10)
+    window: int = Field(2000, ge=10, le=1_000_000)
     """Finished requests remembered per bucket."""
+    max_observed_tokens: int = Field(131_072, ge=1)
+    """A finished length above this (or above the request's own max tokens, when the event says it)
+    is not learned: a fake or broken `finished` event must not poison the estimates."""
 
 
 class PredictionSettings(_Strict):
@@ -111,13 +115,63 @@ class QueueSettings(_Strict):
 
 
 class ReplicaSettings(_Strict):
-    poll_interval_s: float = Field(0.5, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0, le=3600)
     """How often each replica's /health and /v1/loads are polled."""
-    timeout_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0, le=60)
+    """Deadline of each poll request (SGLang answers both in milliseconds; a frozen engine never)."""
     unhealthy_after: int = Field(2, ge=1)
     """Consecutive failed polls before a replica leaves the pool."""
     healthy_after: int = Field(1, ge=1)
     """Consecutive good polls before it comes back."""
+
+
+class UpstreamSettings(_Strict):
+    connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    """TCP connect to a replica. A refused or timed-out connect is re-placed on another replica
+    (nothing was sent)."""
+    first_byte_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """Streamed requests: from sending to the first byte of the answer (the engine's queueing and
+    prefill); past it the attempt is aborted and the client gets 504 (or the request is re-sent
+    once, see `redispatch`)."""
+    stall_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """Streamed answers: the longest gap between two chunks once the answer started; a stall ends
+    the stream with an SSE error event and `data: [DONE]`."""
+    response_timeout_s: float = Field(600.0, gt=0, le=86_400)
+    """Non-streamed requests: from sending to the end of the answer (it has no earlier first byte);
+    past it the engine request is aborted and the client gets 504."""
+    redispatch: bool = True
+    """A request that has received no answer byte when its attempt fails (connection error, a stale
+    pooled connection twice, 5xx, its replica ejected) is sent once to another replica, within the
+    deadline above."""
+    abort_timeout_s: float = Field(1.0, gt=0, le=30)
+    """Deadline of the best-effort `POST /abort_request` sent when the router gives up an attempt."""
+
+
+class OutlierSettings(_Strict):
+    failures: int = Field(3, ge=1, le=1000)
+    """Request-path failures (connect errors, timeouts, stalls, broken streams, 5xx answers) within
+    `window_s` that eject a replica from the pool, before its health poll notices anything."""
+    window_s: float = Field(10.0, gt=0, le=3600)
+    ejection_s: float = Field(5.0, gt=0, le=3600)
+    """Length of an ejection; doubled for each further ejection in a row, up to `max_ejection_s`.
+    After it the replica returns once its health poll succeeds."""
+    max_ejection_s: float = Field(60.0, gt=0, le=86_400)
+
+
+class LimitSettings(_Strict):
+    max_body_bytes: int = Field(8 << 20, ge=1024, le=1 << 30)
+    """Largest request body; a larger one is refused with 413 before it is read."""
+    body_timeout_s: float = Field(10.0, gt=0, le=600)
+    """Time for a client to send its whole body once the headers arrived (slow clients: 408)."""
+    max_tokens: int = Field(1 << 20, ge=1)
+    """Largest `max_tokens` / `max_completion_tokens` / `max_new_tokens` accepted (400 above)."""
+    max_abs_priority: int = Field(1 << 20, ge=0)
+    """Largest |`priority`| accepted from a client allowed to set it (400 above)."""
+    max_batch_requests: int = Field(10_000, ge=1)
+    """Requests in one `POST /v1/lenpred/batch` (413 above)."""
+    history_bytes: int = Field(32 << 20, ge=1 << 20, le=1 << 34)
+    """Memory for the requests the debug endpoint remembers (lengths, counts, states; never the
+    prompt text once a request ended); the oldest are forgotten first."""
 
 
 class PolicyFile(_Strict):
@@ -129,6 +183,9 @@ class PolicyFile(_Strict):
     predictions: PredictionSettings = Field(default_factory=PredictionSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    outlier: OutlierSettings = Field(default_factory=OutlierSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
 
 class PolicyError(ValueError):
@@ -209,7 +266,10 @@ def parse_policy(data: Any, source: str = "<policy>", handle: Handle | None = No
         except ValidationError as e:
             problems += _pydantic_problems(e, f"{where}.parameters.")
             continue
-        instances[p.name] = cls(p.name, params, handle)
+        try:
+            instances[p.name] = cls(p.name, params, handle)
+        except Exception as e:  # noqa: BLE001 - a plugin that cannot be built is a problem of the file
+            problems.append(f"{where}: cannot build a {p.type}: {type(e).__name__}: {e}")
 
     defaults: dict[str, Plugin] = {}
 
@@ -258,15 +318,24 @@ def load_policy(path: str | os.PathLike, handle: Handle | None = None) -> Policy
     """Read, validate and compile a policy file; raise PolicyError with every problem found."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise PolicyError(source, [f"cannot read file: {e.strerror or e}"]) from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(source, [f"file is {len(raw)} bytes; a policy file is at most {MAX_POLICY_BYTES}"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise PolicyError(source, [f"not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise PolicyError(source, [f"invalid YAML{at}: {getattr(e, 'problem', None) or e}"]) from None
+    except RecursionError:
+        raise PolicyError(source, ["invalid YAML: nested too deeply"]) from None
     return parse_policy(data, source, handle)
 
 
@@ -299,35 +368,48 @@ def schema_text() -> str:
 
 
 class PolicyWatcher:
-    """Hot reload: reload the file when its mtime changes; keep the last good policy on error."""
+    """Hot reload: reload the file when it changes; keep the last good policy on any error.
+
+    A change is a new (mtime, size, inode) of the file, or the file going missing. Whatever goes
+    wrong while reading, decoding, parsing, validating or building the new policy (a PolicyError,
+    or any other exception: a bug must not stop the reloads either) keeps the last good policy,
+    is logged and is kept in `last_error` (shown in /health) until a good version loads."""
 
     def __init__(self, path: str, handle: Handle | None = None):
         self.path, self.handle = path, handle
         self.policy = load_policy(path, handle)
-        self._mtime = self._stat()
+        self._sig = self._stat()
         self.last_error: str | None = None
 
-    def _stat(self) -> float | None:
+    def _stat(self) -> tuple | None:
         try:
-            return os.stat(self.path).st_mtime_ns
+            st = os.stat(self.path)
         except OSError:
             return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def check(self) -> bool | None:
-        """Reload if changed. Returns True (reloaded), False (invalid, kept old), None (unchanged)."""
-        mtime = self._stat()
-        if mtime is None or mtime == self._mtime:
+    def check(self, force: bool = False) -> bool | None:
+        """Reload if changed (or `force`). True: reloaded; False: invalid, the last good policy
+        stays; None: unchanged."""
+        sig = self._stat()
+        if sig == self._sig and not force:
             return None
-        self._mtime = mtime
+        self._sig = sig
         try:
-            self.policy = load_policy(self.path, self.handle)
+            policy = load_policy(self.path, self.handle)
         except PolicyError as e:
-            self.last_error = str(e)
-            log.error("%s; keeping the previous policy", e)
-            return False
-        self.last_error = None
+            return self._failed(str(e))
+        except Exception as e:  # noqa: BLE001 - a reload never takes the router down
+            log.exception("unexpected error loading %s", self.path)
+            return self._failed(f"invalid router policy {self.path}: unexpected {type(e).__name__}: {e}")
+        self.policy, self.last_error = policy, None
         log.info("reloaded router policy %s", self.path)
         return True
+
+    def _failed(self, message: str) -> bool:
+        self.last_error = message
+        log.error("%s; keeping the previous policy", message)
+        return False
 
 
 @dataclass
@@ -339,4 +421,6 @@ class RouterConfig:
     redis_url: str | None = None
     namespace: str = DEFAULT_NAMESPACE
     reload_interval_s: float = 1.0
+    api_keys_file: str | None = None
+    """API keys (router/auth.py); None serves without authentication (a warning at start)."""
     handle: Handle = field(default_factory=Handle)

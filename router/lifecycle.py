@@ -19,6 +19,7 @@ an illegal transition is refused, logged and counted (a bug, never a client's fa
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -99,12 +100,31 @@ class Tracked:
     status: int | None = None
     drop_reason: str | None = None
     estimate_at_dispatch: Estimate | None = None   # formatted only when someone asks
-    attempt_rid: str = ""             # rid of the attempt running now (the rid, or rid-mK after K moves)
+    attempt_rid: str = ""             # rid of the attempt running now (rid, rid-rK after a re-dispatch, rid-mK after a move)
     move: Move | None = None          # decided and not yet carried out (state MOVING)
     moves: int = 0
     move_reason: str = ""             # reason of the last move decided
+    redispatches: int = 0
     aliases: list[str] = field(default_factory=list)
     probe: Probe | None = None
+    watch: asyncio.Timeout | None = field(default=None, repr=False)
+    """The deadline of the attempt waiting for its first byte; cut short when its replica is ejected."""
+    evacuated: str = ""               # why the attempt's deadline was cut short (its replica left the pool)
+    evacuated_from: str | None = None
+    error: str = ""                   # why the request failed (clear, for the debug endpoint)
+
+    def evacuate(self, replica: str, why: str) -> bool:
+        """End the wait for the first byte now (`replica`, where it runs, left the pool): the
+        request path sees a timeout marked as an evacuation and sends the request elsewhere. False
+        if no wait is on."""
+        if self.watch is None or self.req.replica != replica:
+            return False
+        try:
+            self.watch.reschedule(asyncio.get_running_loop().time())
+        except RuntimeError:          # the deadline context has already been left
+            return False
+        self.evacuated, self.evacuated_from = why, replica
+        return True
 
     def view(self) -> dict:
         """The debug endpoint's JSON for this request (lengths and counts, never prompt text)."""
@@ -117,6 +137,7 @@ class Tracked:
             "estimate_at_dispatch": self.estimate_at_dispatch and self.estimate_at_dispatch.header(),
             "estimate": vars(req.estimate).copy(), "fallback_used": req.estimate.source == "fallback",
             "moves": self.moves, "attempt_rid": self.attempt_rid, "move_reason": self.move_reason or None,
+            "redispatches": self.redispatches, "error": self.error or None,
             "probe": vars(self.probe).copy() if self.probe else None,
             "history": [[s.value, round(t, 6)] for s, t in self.history],
         }
@@ -167,25 +188,33 @@ class RequestTable:
         if not t.state.terminal:
             self.transition(t, S.FINISHED if ok else S.FAILED)
 
-    # -- attempts of moved requests --------------------------------------------------------
-    def new_attempt(self, t: Tracked, tokens_before: int) -> str:
-        """Register the next attempt of `t` (after a move) and return its rid."""
-        t.moves += 1
-        rid = f"{t.req.rid}-m{t.moves}"
+    # -- attempts: the engine rids a request ran under ----------------------------------------
+    def start_attempt(self, t: Tracked, rid: str, tokens_before: int = 0) -> None:
+        """`t` runs now as engine rid `rid` after `tokens_before` tokens of earlier attempts;
+        predictions for the attempt it replaces are ignored from now on."""
+        self._attempts.pop(t.attempt_rid, None)
         t.attempt_rid = rid
-        t.aliases.append(rid)
+        if rid != t.req.rid:
+            t.aliases.append(rid)
         self._attempts[rid] = (t, tokens_before)
+
+    def next_attempt(self, t: Tracked, tokens_before: int, kind: str) -> str:
+        """Start the next attempt of `t`: `kind` "m" after a move (`<rid>-m<k>`), "r" after a
+        re-dispatch (`<rid>-r<k>`). Returns its rid."""
+        if kind == "m":
+            t.moves += 1
+            n = t.moves
+        else:
+            t.redispatches += 1
+            n = t.redispatches
+        rid = f"{t.req.rid}-{kind}{n}"
+        self.start_attempt(t, rid, tokens_before)
         return rid
 
     def attempt(self, rid: str) -> tuple[Tracked, int] | None:
         """The request an engine rid belongs to and the tokens its earlier attempts produced; None
-        for unknown rids and for the first attempt of a request that has moved on."""
-        found = self._attempts.get(rid)
-        if found is not None:
-            return found
-        t = self.tracked.get(rid)
-        return (t, 0) if t is not None and not t.moves else None
+        for unknown rids and for attempts a request has moved on from."""
+        return self._attempts.get(rid)
 
     def forget_attempts(self, t: Tracked) -> None:
-        for rid in t.aliases:
-            self._attempts.pop(rid, None)
+        self._attempts.pop(t.attempt_rid, None)

@@ -41,6 +41,31 @@ class RouterMetrics:
                                   "Moves decided for requests that finished before the abort landed.", registry=r)
         self.reloads = Counter("lenpred_router_policy_reloads", "Policy file reloads, by result.", ["result"],
                                registry=r)
+        self.redispatches = Counter("lenpred_router_redispatches",
+                                    "Requests sent to another replica after their attempt failed before the first "
+                                    "byte (error, timeout, replica ejected).", registry=r)
+        self.evacuations = Counter("lenpred_router_evacuations",
+                                   "Waits for a first byte cut short because the replica left the pool.", registry=r)
+        self.stale_retries = Counter("lenpred_router_stale_connection_retries",
+                                     "Requests retried once because a pooled connection had been closed by the "
+                                     "replica.", registry=r)
+        self.events_malformed = Counter("lenpred_router_events_malformed",
+                                        "Events on the Redis channel skipped as malformed.", registry=r)
+        self.lengths_ignored = Counter("lenpred_router_lengths_ignored",
+                                       "Finished lengths not learned as implausible (above the request's max "
+                                       "tokens or predictions.fallback.max_observed_tokens, negative, not integers).",
+                                       registry=r)
+        self.task_failures = Counter("lenpred_router_background_task_failures",
+                                     "Background loops that died and were restarted, by task.", ["task"], registry=r)
+        self.policy_invalid = Gauge("lenpred_router_policy_invalid",
+                                    "1 while the policy file on disk is invalid (the last good one serves).",
+                                    registry=r)
+        self.auth_failures = Counter("lenpred_router_auth_failures",
+                                     "Requests refused for a missing/unknown API key (401) or a missing scope (403).",
+                                     ["code"], registry=r)
+        self.refused = Counter("lenpred_router_refused",
+                               "Requests refused before routing, by HTTP status (bad input, limits).", ["code"],
+                               registry=r)
         self.transitions = Counter("lenpred_router_request_transitions",
                                    "Request state changes (router/lifecycle.py), by from and to state.",
                                    ["from_state", "to_state"], registry=r)

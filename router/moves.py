@@ -80,7 +80,7 @@ class Mover:
         done = sum(p.tokens for p in parts)
         t.move = None
         out = continuation(body, api, parts) if parts else dict(body)
-        out["rid"] = self.table.new_attempt(t, done)
+        out["rid"] = self.table.next_attempt(t, done, "m")
         t.req.generated = max(t.req.generated, done)
         return out
 

@@ -15,9 +15,9 @@ when a move continues the request on another replica, the continuation's respons
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-import logging
 from typing import AsyncIterator, Awaitable, Callable
 
 from lenpred.router.continuation import Part, merge, part_of
@@ -25,7 +25,6 @@ from lenpred.router.lifecycle import RequestState, RequestTable, Tracked
 from lenpred.router.moves import Mover
 from lenpred.router.upstream import ERRORS, UpstreamResponse
 
-log = logging.getLogger(__name__)
 
 
 def sse_json(ev: bytes) -> dict | None:
@@ -88,8 +87,9 @@ def part_of_events(events: list[bytes], api: str) -> Part:
 
 
 def rewriter(api: str, rid: str, parts: list[Part]) -> Callable[[bytes], bytes | None]:
-    """Rewrite a continuation's events so the client reads one answer: the original id, no second
-    role chunk, and (for /generate, whose text and counts are cumulative) the earlier parts prepended."""
+    """Rewrite a later attempt's events so the client reads one answer: the original id and, after
+    earlier parts (a move), no second role chunk and (for /generate, whose text and counts are
+    cumulative) the earlier parts prepended."""
     text = "".join(p.text for p in parts)
     ids = [i for p in parts for i in p.ids]
     done = sum(p.tokens for p in parts)
@@ -112,7 +112,7 @@ def rewriter(api: str, rid: str, parts: list[Part]) -> Callable[[bytes], bytes |
             if "id" in obj:
                 obj["id"] = rid
             choices = obj.get("choices") or []
-            if api == "chat" and choices and choices[0].get("finish_reason") is None:
+            if parts and api == "chat" and choices and choices[0].get("finish_reason") is None:
                 delta = choices[0].get("delta") or {}
                 if "role" in delta and not delta.get("content"):
                     return None   # the continuation's own opening role chunk
@@ -125,6 +125,23 @@ def rewriter(api: str, rid: str, parts: list[Part]) -> Callable[[bytes], bytes |
     return rewrite
 
 
+def restore_id(payload: dict, api: str, rid: str) -> dict:
+    """A whole answer from a later attempt (`<rid>-r1`), under the request's own id."""
+    if api == "generate":
+        meta = payload.get("meta_info")
+        if isinstance(meta, dict):
+            meta["id"] = rid
+    elif "id" in payload:
+        payload["id"] = rid
+    return payload
+
+
+def sse_error(message: str, status: int) -> bytes:
+    """How a stream that broke after it started ends: an OpenAI-style error event, then [DONE]."""
+    err = {"error": {"message": message, "type": "upstream_error", "code": status}}
+    return b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n"
+
+
 def _count_events(chunk: bytes) -> int:
     """Generated tokens in relayed SSE bytes: one per `data:` event but [DONE] (SGLang streams one
     event per detokenizer step, one token at the default stream interval)."""
@@ -132,13 +149,18 @@ def _count_events(chunk: bytes) -> int:
 
 
 class Relay:
-    """The upstream side of one proxied request (see the module docstring)."""
+    """The upstream side of one proxied request (see the module docstring). `stall_s` bounds the
+    gap between two chunks of a stream; a stall or a broken stream ends the client's stream with
+    an SSE error event and [DONE], and is reported through `on_break` (the replica is blamed and the
+    engine request aborted)."""
 
     def __init__(self, t: Tracked, table: RequestTable, mover: Mover, api: str, body: dict, resp: UpstreamResponse,
-                 send: Callable[[dict], Awaitable[UpstreamResponse]], on_done: Callable[[Tracked], None]):
+                 send: Callable[[dict], Awaitable[UpstreamResponse]], on_done: Callable[[Tracked], None],
+                 on_break: Callable[[Tracked, str], None], stall_s: float):
         self.t, self.table, self.mover = t, table, mover
         self.api, self.body, self.resp = api, body, resp
-        self._send, self._on_done = send, on_done
+        self._send, self._on_done, self._on_break = send, on_done, on_break
+        self.stall_s = stall_s
 
     async def aclose(self) -> None:
         await self.resp.aclose()
@@ -146,6 +168,27 @@ class Relay:
     def _done(self) -> None:
         self.table.end(self.t, ok=True)
         self._on_done(self.t)
+
+    def _broken(self, why: str, status: int = 502) -> bytes:
+        """The stream cannot go on: fail the request, blame the replica, end the client's stream."""
+        self.t.error = why
+        self.table.end(self.t, ok=False)
+        self._on_break(self.t, why)
+        return sse_error(why, status)
+
+    def _stall_message(self) -> str:
+        return f"the replica sent nothing for {self.stall_s:g}s (stalled); the answer is incomplete"
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        """The current response's chunks, each within the stall deadline (TimeoutError past it)."""
+        it = self.resp.aiter_raw()
+        while True:
+            try:
+                async with asyncio.timeout(self.stall_s):
+                    chunk = await anext(it)
+            except StopAsyncIteration:
+                return
+            yield chunk
 
     async def _continue(self, parts: list[Part]) -> bool:
         """Send the moved request's next attempt; True when it answers 200 (RUNNING again)."""
@@ -158,43 +201,58 @@ class Relay:
 
     # -- streamed ----------------------------------------------------------------------------
     async def stream(self) -> AsyncIterator[bytes]:
-        """Relay SSE bytes untouched (a request that cannot move)."""
+        """Relay SSE bytes untouched (a request that cannot move and kept its rid)."""
         req = self.t.req
-        async for chunk in self.resp.aiter_raw():
-            req.generated += _count_events(chunk)
-            yield chunk
+        try:
+            async for chunk in self._chunks():
+                req.generated += _count_events(chunk)
+                yield chunk
+        except TimeoutError:
+            yield self._broken(self._stall_message(), 504)
+            return
+        except ERRORS as e:
+            yield self._broken(f"the replica's stream broke: {type(e).__name__}: {e}")
+            return
         self._done()
 
     async def stream_movable(self) -> AsyncIterator[bytes]:
         t, req, api = self.t, self.t.req, self.api
         parts: list[Part] = []
         events: list[bytes] = []   # forwarded events of the current attempt, as the engine sent them
-        rewrite = None
+        # a re-dispatched request answers under its attempt rid: rewrite the ids back
+        rewrite = rewriter(api, req.rid, []) if t.attempt_rid != req.rid else None
         ended = False              # the answer's final event went out: no cut after it
         buf = b""
         while True:
             cut = False
-            async for chunk in self.resp.aiter_raw():
-                buf += chunk
-                while True:
-                    i = buf.find(b"\n\n")
-                    if i < 0:
-                        break
-                    ev, buf = buf[:i + 2], buf[i + 2:]
-                    if t.move is not None and not ended:
-                        if event_kind(ev, api) in ("content", "abort"):
-                            cut = True
+            try:
+                async for chunk in self._chunks():
+                    buf += chunk
+                    while True:
+                        i = buf.find(b"\n\n")
+                        if i < 0:
                             break
-                        ended = True           # finished before the move landed
-                        self.mover.too_late(t)
-                    out = ev if rewrite is None else rewrite(ev)
-                    events.append(ev)
-                    if out is None:
-                        continue
-                    req.generated += _count_events(out)
-                    yield out
-                if cut:
-                    break
+                        ev, buf = buf[:i + 2], buf[i + 2:]
+                        if t.move is not None and not ended:
+                            if event_kind(ev, api) in ("content", "abort"):
+                                cut = True
+                                break
+                            ended = True           # finished before the move landed
+                            self.mover.too_late(t)
+                        out = ev if rewrite is None else rewrite(ev)
+                        events.append(ev)
+                        if out is None:
+                            continue
+                        req.generated += _count_events(out)
+                        yield out
+                    if cut:
+                        break
+            except (TimeoutError, *ERRORS) as e:
+                if t.move is None:         # no move pending: the answer broke
+                    yield self._broken(self._stall_message(), 504) if isinstance(e, TimeoutError) else \
+                        self._broken(f"the replica's stream broke: {type(e).__name__}: {e}")
+                    return
+                cut = True                 # the source was being aborted anyway: continue elsewhere
             if not cut:
                 break
             await self.resp.aclose()
@@ -204,10 +262,11 @@ class Relay:
             buf, events = b"", []
             try:
                 if not await self._continue(parts):
-                    log.warning("continuation of %s answered %s", req.rid, self.resp.status_code)
+                    yield self._broken(f"the continuation of the moved answer was refused "
+                                       f"({self.resp.status_code})")
                     return
             except ERRORS as e:
-                log.warning("continuation of %s failed: %s", req.rid, e)
+                yield self._broken(f"the continuation of the moved answer failed: {type(e).__name__}: {e}")
                 return
             req.pinned = False
             rewrite = rewriter(api, req.rid, parts)

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import httpx
 
 from lenpred.contract.prediction import quantile_factor
-from lenpred.router.config import ReplicaSettings
+from lenpred.router.config import OutlierSettings, ReplicaSettings
 from lenpred.router.interfaces import EngineLoad, RequestView
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,11 @@ class Replica:
     fails: int = 0
     oks: int = 0
     last_error: str = ""
+    failures: deque = field(default_factory=deque)
+    """Times of recent request-path failures (outlier detection)."""
+    ejected_until: float = 0.0
+    ejections: int = 0
+    """Ejections in a row (each one lasts twice as long as the one before)."""
 
     def predicted_remaining(self, quantile: float) -> float:
         """Sum of `r.estimate.remaining(quantile, r.generated)` over the in-flight requests, inlined
@@ -79,11 +86,19 @@ class Replica:
 
 
 class ReplicaPool:
+    """The replicas, their health and the router's accounting. A replica is in the pool (`healthy`)
+    while its health poll succeeds and it is not ejected: `report_failure` ejects a replica that
+    failed `outlier.failures` requests within `outlier.window_s` (a hung or broken replica is seen
+    on the request path before its poll times out); it comes back when the ejection is over and a
+    poll succeeds."""
+
     def __init__(self, urls: list[str], client: httpx.AsyncClient, settings: Callable[[], ReplicaSettings],
-                 on_change: Callable[[], None] = lambda: None):
+                 on_change: Callable[[], None] = lambda: None,
+                 outlier: Callable[[], OutlierSettings] = OutlierSettings,
+                 clock: Callable[[], float] = time.monotonic):
         self.replicas = {u.rstrip("/"): Replica(u.rstrip("/")) for u in urls}
         self.client = client
-        self._settings = settings
+        self._settings, self._outlier, self._clock = settings, outlier, clock
         self._on_change = on_change
         self.inflight: dict[str, RequestView] = {}
         self._seq = 0
@@ -105,11 +120,36 @@ class ReplicaPool:
 
     # -- health ---------------------------------------------------------------------------
     def mark_ok(self, r: Replica) -> None:
-        r.fails, r.oks, r.last_error = 0, r.oks + 1, ""
-        if not r.healthy and r.oks >= self._settings().healthy_after:
+        r.fails, r.oks = 0, r.oks + 1
+        if r.healthy or self._clock() < r.ejected_until:
+            return
+        r.last_error = ""
+        if r.oks >= self._settings().healthy_after:
             r.healthy = True
             log.info("replica %s joined the pool", r.name)
             self._on_change()
+
+    def report_failure(self, name: str, why: str) -> None:
+        """A request failed on replica `name` in a way that blames the replica (connection error,
+        timeout, stall, broken stream, 5xx). Enough of them within the window eject it."""
+        r = self.replicas.get(name)
+        if r is None:
+            return
+        o, now = self._outlier(), self._clock()
+        r.failures.append(now)
+        while r.failures and now - r.failures[0] > o.window_s:
+            r.failures.popleft()
+        if len(r.failures) < o.failures or not r.healthy:
+            return
+        if now - r.ejected_until > o.window_s + o.max_ejection_s:
+            r.ejections = 0        # back long enough since the last ejection: start over
+        span = min(o.ejection_s * 2 ** r.ejections, o.max_ejection_s)
+        r.ejections += 1
+        r.ejected_until, r.healthy, r.oks = now + span, False, 0
+        r.failures.clear()
+        r.last_error = f"ejected for {span:g}s after {o.failures} failures in {o.window_s:g}s: {why}"
+        log.warning("replica %s %s", r.name, r.last_error)
+        self._on_change()
 
     def mark_fail(self, r: Replica, why: str) -> None:
         r.oks, r.fails, r.last_error = 0, r.fails + 1, why
@@ -129,7 +169,7 @@ class ReplicaPool:
             loads = await self.client.get(f"{r.name}/v1/loads", params={"include": "core"}, timeout=timeout)
             loads.raise_for_status()
             r.load, r.load_seq = parse_v1_loads(loads.json()), seq
-        except (httpx.HTTPError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - anything wrong with a poll is a failed poll, never a dead poller
             self.mark_fail(r, f"{type(e).__name__}: {e}")
             return
         self.mark_ok(r)

@@ -252,6 +252,19 @@ def test_client_disconnect_mid_stream_releases_and_aborts(servers):
              what="engine-side abort")
 
 
+def test_client_disconnect_aborts_non_streamed_requests_too(servers):
+    client, emus, _ = servers(backends=1, step_base_s=0.01)
+    with pytest.raises(httpx.ReadTimeout):      # the client gives up long before the 5 s answer
+        httpx.post(f"{client.base_url}/v1/chat/completions", json=chat(500), timeout=httpx.Timeout(5, read=0.5))
+    rid = received(emus[0])[-1]["rid"]
+    wait_for(lambda: client.get("/health").json()["replicas"][emus[0].url]["inflight"] == 0, what="release")
+    wait_for(lambda: httpx.get(f"{emus[0].url}/v1/loads").json()["loads"][0]["num_running_reqs"] == 0,
+             what="engine-side abort")
+    fin = {f["rid"]: f for f in httpx.get(f"{emus[0].url}/emulator/requests").json()["finished"]}
+    assert fin[rid]["finish_reason"] == "abort" and fin[rid]["output_tokens"] < 500
+    assert client.get(f"/v1/lenpred/requests/{rid}").json()["router"]["state"] == "failed"
+
+
 def test_emulated_predictor_drives_the_router_end_to_end(servers, redis_url):
     """Emulator as stand-in sidecar (oracle, sigma 0): EGTP then PLP reach the router via Redis."""
     client, emus, _ = servers(redis_url=redis_url, backends=1, emulated_predictor=True, step_base_s=0.005,

@@ -65,15 +65,19 @@ def test_every_state_is_reachable_and_terminal_states_are_final():
     assert {s for s in S if not TRANSITIONS[s]} == {s for s in S if s.terminal}
 
 
-def test_attempts_of_moved_requests_and_table_bound():
+def test_attempts_of_moved_and_redispatched_requests_and_table_bound():
     table = RequestTable(3)
     t = Tracked(make_request("a"), "default", stream=True)
     table.add(t)
+    assert table.attempt("a") is None          # not dispatched yet
+    table.start_attempt(t, "a")
     assert table.attempt("a") == (t, 0)
-    assert table.new_attempt(t, tokens_before=12) == "a-m1"
-    assert table.attempt("a-m1") == (t, 12) and table.attempt("a") is None   # the old attempt's late records
+    assert table.next_attempt(t, 0, "r") == "a-r1"
+    assert table.next_attempt(t, tokens_before=12, kind="m") == "a-m1" == t.attempt_rid
+    assert table.attempt("a-m1") == (t, 12)
+    assert table.attempt("a") is None and table.attempt("a-r1") is None   # late records of earlier attempts
     table.forget_attempts(t)
-    assert table.attempt("a-m1") is None
+    assert table.attempt("a-m1") is None and (t.moves, t.redispatches) == (1, 1)
     for rid in "bcd":
         table.add(Tracked(make_request(rid), "default", stream=False))
     assert list(table.tracked) == ["b", "c", "d"]
@@ -192,3 +196,26 @@ def test_the_router_imports_no_torch_transformers_or_sglang():
     assert out.returncode == 0, out.stderr[-2000:]
     modules = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
     assert "lenpred" in modules and not modules & {"torch", "transformers", "sglang"}
+
+
+def test_a_remembered_request_fits_in_its_byte_budget():
+    """The request table's size comes from `limits.history_bytes` / RECORD_BYTES: check that an
+    ended request (a served one, its prompt text dropped) really takes less than RECORD_BYTES."""
+    import tracemalloc
+
+    from lenpred.router.core import RECORD_BYTES
+
+    table = RequestTable(100_000)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(2000):
+        t = Tracked(make_request(f"lp-{i:032x}", prompt_text="p" * 5000, max_tokens=512), "default", stream=True)
+        table.add(t)
+        for state in (S.QUEUED, S.RUNNING, S.FINISHED):
+            table.transition(t, state)
+        table.start_attempt(t, t.req.rid)
+        t.estimate_at_dispatch, t.status, t.queued_s = t.req.estimate, 200, 0.01
+        table.forget_attempts(t)
+    per_record = (tracemalloc.get_traced_memory()[0] - base) / 2000
+    tracemalloc.stop()
+    assert per_record < RECORD_BYTES, per_record
