@@ -15,6 +15,7 @@ BENCHES = {
     "schedule": ("lenpred.bench.schedule", "router policies replayed on real length traces"),
     "router": ("lenpred.bench.router_overhead", "router overhead in front of fast stub backends"),
     "queue": ("lenpred.bench.queue", "router queue cost with 10k requests waiting (heap vs re-sorted list)"),
+    "soak": ("lenpred.bench.soak", "N minutes through router + sidecar + Redis: RSS and Redis keys over time"),
     "crosscheck": ("lenpred.bench.crosscheck", "the same workload on real SGLang replicas and on the emulator"),
 }
 

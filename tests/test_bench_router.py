@@ -22,3 +22,16 @@ def test_bench_router_runs_direct_and_lenpred(tmp_path):
         assert t["open"]["requests"] > 0 and t["open"]["errors"] == 0
     text = md.read_text()
     assert "added_p99_ms" in text and "| lenpred |" in text
+
+
+def test_bench_queue_and_soak_run_at_a_tiny_size(tmp_path):
+    from lenpred.bench import queue, soak
+
+    assert queue.main(["--n", "200", "--samples", "20", "--json", str(tmp_path / "q.json")]) == 0
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert set(q["queues"]) == {"heap (router)", "sorted list (before)"}
+    assert soak.main(["--minutes", "0.1", "--rate", "5", "--sample-s", "2", "--json", str(tmp_path / "s.json"),
+                      "--md", str(tmp_path / "s.md")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert len(s["samples"]) >= 3 and s["requests"]["sent"] > 10 and s["requests"]["failed"] == 0
+    assert s["samples"][-1]["redis_keys"] > 0 and "router RSS" in (tmp_path / "s.md").read_text()

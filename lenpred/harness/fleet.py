@@ -51,6 +51,7 @@ class Fleet:
     router_port: int
     engine_args: list[str] = field(default_factory=list)
     heads: str = ""
+    sidecar_args: list[str] = field(default_factory=list)
 
     @property
     def router_url(self) -> str:
@@ -66,7 +67,7 @@ class Fleet:
 
     @classmethod
     def start(cls, workdir: pathlib.Path, policy: str, engines: int = 2, engine_args: list[str] | None = None,
-              router_args: list[str] | None = None) -> "Fleet":
+              router_args: list[str] | None = None, sidecar_args: list[str] | None = None) -> "Fleet":
         """Start everything and wait until the router has every engine in its pool."""
         workdir.mkdir(parents=True, exist_ok=True)
         heads = str(write_random_heads(workdir / "heads", HIDDEN, MODEL))
@@ -74,7 +75,7 @@ class Fleet:
         started: list = [rds]
         try:
             sc_port = free_port()
-            sidecar = _start_sidecar(workdir, sc_port, rds.url, heads)
+            sidecar = _start_sidecar(workdir, sc_port, rds.url, heads, sidecar_args or [])
             started.append(sidecar)
             ports = [free_port() for _ in range(engines)]
             args = list(engine_args or [])
@@ -90,7 +91,8 @@ class Fleet:
                 str(workdir / "policy.yaml"), "--redis-url", rds.url, "--log-level", "warning",
                 *(router_args or [])), workdir)
             started.append(router)
-            fleet = cls(workdir, rds, sidecar, sc_port, engs, ports, router, r_port, args, heads)
+            fleet = cls(workdir, rds, sidecar, sc_port, engs, ports, router, r_port, args, heads,
+                        list(sidecar_args or []))
             wait_grpc(sidecar, fleet.sidecar_target, 90)
             for e, url in zip(engs, fleet.engine_urls):
                 wait_http(e, url + "/health", 30)
@@ -120,7 +122,8 @@ class Fleet:
             self.redis.restart()
         elif name == "sidecar":
             self.sidecar.stop()
-            self.sidecar = _start_sidecar(self.workdir, self.sidecar_port, self.redis.url, self.heads)
+            self.sidecar = _start_sidecar(self.workdir, self.sidecar_port, self.redis.url, self.heads,
+                                          self.sidecar_args)
             wait_grpc(self.sidecar, self.sidecar_target, 90)
         else:
             i = int(name[6:])
@@ -170,10 +173,10 @@ class Fleet:
         self.redis.stop()
 
 
-def _start_sidecar(workdir: pathlib.Path, port: int, redis_url: str, heads: str) -> Child:
+def _start_sidecar(workdir: pathlib.Path, port: int, redis_url: str, heads: str, args: list[str]) -> Child:
     return spawn("sidecar", lenpred_argv("sidecar", "--host", "127.0.0.1", "--port", str(port), "--redis-url",
                                          redis_url, "--heads", heads, "--device", "cpu", "--threads", "1",
-                                         "--log-level", "WARNING"), workdir)
+                                         "--log-level", "WARNING", *args), workdir)
 
 
 def _start_engine(workdir: pathlib.Path, i: int, port: int, args: list[str]) -> Child:
