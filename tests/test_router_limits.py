@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -18,7 +19,7 @@ import uvicorn
 
 from lenpred.contract.keys import events_channel
 from lenpred.harness.emulator import start_in_thread
-from lenpred.harness.redisproc import RedisServer, free_port
+from lenpred.harness.redisproc import RedisServer, free_port, redis_binary
 from lenpred.router import server
 from lenpred.router.app import make_app
 from lenpred.router.config import RouterConfig
@@ -272,3 +273,24 @@ def test_fake_finished_lengths_do_not_poison_the_fallback(stack, redis_url):
                                        "custom_params": {"emulated_output_len": 4}})
     assert g.status_code == 200 and "p50=256;" in g.headers["x-lenpred-prediction"]   # still the default estimate
     r.close()
+
+
+@pytest.mark.parametrize("password,state", [("s3cret-pass", "connected"), ("wrong", "disconnected")])
+def test_redis_auth_password_from_the_environment(stack, monkeypatch, tmp_path, password, state):
+    """AUTH through lenpred/contract/redisconf.py: the URL has no password, LENPRED_REDIS_PASSWORD does."""
+    port = free_port()
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--requirepass", "s3cret-pass", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        monkeypatch.setenv("LENPRED_REDIS_PASSWORD", password)
+        client, *_ = stack(redis_url=f"redis://127.0.0.1:{port}/0")
+        if state == "connected":
+            wait_for(lambda: client.get("/health").json()["redis"] == "connected", what="AUTH accepted")
+        else:
+            time.sleep(1.0)
+            assert client.get("/health").json()["redis"] == "disconnected"
+        assert client.post(CHAT, json=chat(2)).status_code == 200
+    finally:
+        proc.kill()
+        proc.wait()

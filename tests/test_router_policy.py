@@ -95,6 +95,23 @@ def test_bad_yaml_names_line(tmp_path):
         load_policy(p)
 
 
+UNREADABLE = [
+    (b"apiVersion: lenpred.io/v1alpha1\nkind: RouterPolicy\nprofiles: {default: {}}\n# caf\xe9\n",
+     r"not UTF-8 text: byte 0xe9 at line 4"),
+    (b"a: " + b"[" * 5000 + b"]" * 5000, r"invalid YAML"),
+    (b"x" * (2 << 20), r"a policy file is at most"),
+]
+
+
+@pytest.mark.parametrize("data,says", UNREADABLE, ids=["not UTF-8", "nested too deep", "too large"])
+def test_unreadable_files_give_the_usual_clear_message(tmp_path, capsys, data, says):
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(data)
+    with pytest.raises(PolicyError, match=says):
+        load_policy(p)
+    assert router_cli(["validate", str(p)]) == 1 and "invalid router policy" in capsys.readouterr().err
+
+
 def test_unknown_type_suggests_the_closest():
     msg = problems(GOOD.replace("type: predicted-kv-admitter", "type: predicted-kv-admiter"))
     assert "plugins[0] ('kv').type: unknown plugin type 'predicted-kv-admiter'" in msg
