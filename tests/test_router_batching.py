@@ -150,8 +150,9 @@ def test_batch_api_probes_groups_caps_and_continues_without_losing_tokens(batch_
 def test_queued_release_sends_every_micro_batch_at_once_and_the_engine_keeps_them_apart(batch_stack):
     """`release: queued`: no router turnaround between micro-batches; the static engine still
     runs them one tagged batch at a time (steps = the sum of each batch's longest answer)."""
+    # 0.1 s steps: the six sends must all land before batch 2 ends (1.9 s), even on a loaded CI box
     client, emus = batch_stack(batcher_policy("fcfs-batcher", batch_size=2, release="queued"), n=1,
-                               static_batching=True, step_base_s=0.03)
+                               static_batching=True, step_base_s=0.1)
     lengths = [10, 2, 3, 9, 4, 4]
     bodies = [{"input_ids": [7, 8, 9], "sampling_params": {"max_new_tokens": 100},
                "custom_params": {"emulated_output_len": L}} for L in lengths]
