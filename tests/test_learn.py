@@ -20,6 +20,7 @@ import torch
 
 from lenpred.bench._thread import SidecarThread
 from lenpred.contract import keys, wire
+from lenpred.contract.prediction import Prediction
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 from lenpred.sidecar.learn import LearnConfig
@@ -205,7 +206,7 @@ def test_cold_start_learn_promote_hot_swap_and_kill_switch(sidecar, tmp_path, re
         s.send(batches(more))
         acks = s.wait_acks(33)
         assert all(a.code == 0 for a in acks)
-        rec = keys.PredictionRecord.from_hash(r.hgetall(keys.pred_key("default", "q160")))
+        rec = Prediction.from_hash(r.hgetall(keys.pred_key("default", "q160")))
         assert rec.head_version == sv["version"] and rec.source in ("last", "plp")
         assert wait(lambda: not np.isnan(sidecar.running.service.learning.recorder.live[(MODEL, D, -1)].mae()))
         # 4. recalibration follows the newest requests the head never saw
