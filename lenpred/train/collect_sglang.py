@@ -220,6 +220,13 @@ def assemble(q, ids: list[int], traces: list, feats: dict[str, np.ndarray] | Non
 
 
 # ------------------------------------------------------------------------------------- main
+def sample_index(rid: str) -> int:
+    """The sample number of a collection rid `<prompt key>-<sample>`; rids that are not the
+    collector's (SGLang's own warm-up request, health checks) get a number no sample has."""
+    head, _, tail = rid.rpartition("-")
+    return int(tail) if head and tail.isdigit() else 1 << 30
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -279,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_steps = {int(x) for x in a.keep_steps.split(",") if x.strip()}
     if a.stride:
         keep_steps |= set(range(a.stride, a.max_new_tokens, a.stride))
-    ts = TraceServer(keep_steps, want_decode=lambda rid: int(rid.rsplit("-", 1)[1]) < a.decode_samples)
+    ts = TraceServer(keep_steps, want_decode=lambda rid: sample_index(rid) < a.decode_samples)
     manifest = {
         "model_id": model_id, "hidden_size": 0, "layer": -1, "tau": 1.0, "engine": "sglang",
         "prompts": a.prompts, "format": a.format, "prompts_hash": prompts_hash(prompts), "n_prompts": len(prompts),
