@@ -11,6 +11,7 @@ BENCHES = {
     "tap": ("lenpred.bench.tap_cost", "the tap's GPU/CPU maths as a fraction of a model step"),
     "entropy": ("lenpred.bench.entropy_cost", "prompt-token entropy: cost and cheaper approximations"),
     "schedule": ("lenpred.bench.schedule", "router policies replayed on real length traces"),
+    "schedule-real": ("lenpred.bench.real.cli", "router policies on real SGLang replicas (injected predictions)"),
     "router": ("lenpred.bench.router_overhead", "router overhead in front of fast stub backends"),
     "crosscheck": ("lenpred.bench.crosscheck", "the same workload on real SGLang replicas and on the emulator"),
 }
