@@ -357,7 +357,8 @@ def fit_cost(raw: dict) -> dict:
         if len(coef) == 2 or coef[2] >= 0:
             break
     pred = np.stack([np.ones_like(b), b, kv][: len(coef)], 1) @ coef
-    r2 = 1 - float(np.sum(w * (t - pred) ** 2) / np.sum(w * (t - np.average(t, weights=w)) ** 2))
+    total = float(np.sum(w * (t - np.average(t, weights=w)) ** 2))
+    r2 = 1 - float(np.sum(w * (t - pred) ** 2)) / total if total > 0 else 1.0
     return {"step_base_s": float(coef[0]), "step_per_token_s": float(coef[1]),
             "step_per_kv_token_s": float(coef[2]) if len(coef) == 3 else 0.0,
             "step_per_prefill_token_s": busy / toks if toks else 0.0,
@@ -379,7 +380,7 @@ def real_main(argv: list[str]) -> int:
     raw = json.loads(pathlib.Path(a.real[: -len(".json")] + "_raw.json").read_text())
     fit = fit_cost(raw)
     eng_spec, err = real["engine"], real["error_model"]
-    items = {i: Item(str(i), i, pt, ot) for i, pt, ot in raw["items"]}
+    items = {i: Item(str(i), i, pt, ot, cap) for i, pt, ot, cap in raw["items"]}
     preds = raw["predicted_p50"]
     sigma = math.log(err.get("p90_factor", 1.0)) / 1.2816 if err.get("p90_factor") else 0.0
     log_dir = pathlib.Path(a.log_dir or tempfile.mkdtemp(prefix="lenpred-crosscheck-real-"))

@@ -13,13 +13,14 @@ import redis
 import torch
 
 from lenpred.contract import keys, wire
-from lenpred.harness.inject import (CAP_BASE, ErrorModel, Injector, InjectingSidecar, Item, base_rid,
+from lenpred.harness.inject import (ErrorModel, Injector, InjectingSidecar, Item, base_rid,
                                     plp_ratio)
 from lenpred.harness.lengthctl import PROCESSOR, ForceLength, answer_tokens_left, controlled
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 
-ITEMS = [Item("a", 0, 10, 100), Item("b", 1, 10, 7), Item("c", 2, 25, 300)]
+CAP_BASE = 2048
+ITEMS = [Item("a", 0, 10, 100, CAP_BASE), Item("b", 1, 10, 7, CAP_BASE + 1), Item("c", 2, 25, 300, CAP_BASE + 2)]
 
 
 @pytest.mark.parametrize("rid,base", [
@@ -62,11 +63,12 @@ def test_error_model_rejects_bad_specs(spec, err):
     ([("lp-1-probe", 10, 1), ("lp-2-probe", 10, 1)], [100, 7]),              # probes: same length, in order
     ([("lp-1", 25, CAP_BASE + 2), ("lp-1-m1", 25 + 120, CAP_BASE + 2 - 120)], [300, 180]),   # continuation
     ([("lp-9", 33, 40)], [40]),                                               # unknown: ignore_eos mode
+    ([("lp-9", 33, CAP_BASE + 7)], [None]),                                   # a cap naming nothing: no prediction
 ])
 def test_injector_resolves_the_truth(rows, truth):
     inj = Injector(ErrorModel())                    # oracle: p50 is the truth
     inj.register(ITEMS)
-    got = [inj.prefill(*row).p50 for row in rows]
+    got = [getattr(inj.prefill(*row), "p50", None) for row in rows]
     assert got == truth
 
 
@@ -92,9 +94,9 @@ def test_injector_plp_shrinks_the_prefill_error():
     assert inj.decode("lp-unknown", 8) is None and inj.stats.unknown_decode == 1
 
 
-def test_injector_rejects_duplicate_indices():
+def test_injector_rejects_duplicate_caps():
     with pytest.raises(ValueError, match="distinct"):
-        Injector(ErrorModel()).register([Item("a", 0, 5, 5), Item("b", 0, 6, 6)])
+        Injector(ErrorModel()).register([Item("a", 0, 5, 5, 3000), Item("b", 1, 6, 6, 3000)])
 
 
 class _Req:

@@ -8,16 +8,17 @@ gRPC server on the tap's stream publishes true length x the served head's measur
 sidecar's Redis format. Optionally (`--smol-model`) the spine runs end to end on real weights first:
 SmolLM2 replicas, the real sidecar, real predictions.
 
-Runs, in this order (each only if it fits in `--budget-s`; results are rewritten after every run,
-so a run cut short still leaves the finished ones):
+Runs, most important first (each only if it fits in `--budget-s`; results are rewritten after
+every run, so a command cut short still leaves the finished ones):
   batch   vanilla (batch-rl-fcfs: round robin, all at once); its steady completion rate is the
           saturation rate of the online runs unless `--rate` is given
-  online  round-robin, least-load, SGLang priority (round robin + SGLang `--enable-priority-scheduling`,
-          priority = shortest prompt first in log2 size classes: the only length signal a client
-          has without lenpred), then each `--policy` (lenpred, injected predictions), at saturation
+  online  at saturation: round-robin, least-load, SGLang priority (round robin + SGLang
+          `--enable-priority-scheduling`, priority = shortest prompt first in log2 size classes: the
+          only length signal a client has without lenpred), the first `--policy` (lenpred,
+          injected predictions; default predicted-slo.yaml)
+  online  round-robin and the first `--policy` at `--over` x saturation
   batch   LPT (batch-rl-lpt: probe, longest predicted first), injected and oracle
-  online  the last `--policy` with oracle lengths; then round-robin and the last `--policy` at
-          `--over` x saturation
+  online  the other `--policy` files (default predicted.yaml); the first with oracle lengths
 Goodput's SLO: TTFT <= `--slo-ttft-s` and TPOT <= `--slo-tpot-ms`, default 1.5 x the round-robin
 run's median TPOT (set by the baseline, the same for every policy); a grid of other SLOs is in the
 JSON.
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import sys
 import tempfile
 import threading
@@ -52,7 +54,8 @@ from lenpred.harness.redisproc import RedisServer
 
 POLICY_DIR = pathlib.Path(__file__).resolve().parents[2] / "router" / "policies"
 NAMESPACE = "bench"
-WARMUP_INDEX = 3000   # warm-up items' indices (caps) sit above the workload's
+CONTEXT = 8192        # both models' context length: a cap + prompt above it (or above the KV pool) is clamped
+WARMUP_ITEMS = 8
 
 
 @dataclass
@@ -66,20 +69,23 @@ class Run:
 
 
 def plan(a) -> list[Run]:
+    """The runs, most important first (what a short budget keeps)."""
     P = lambda n: str(POLICY_DIR / n)  # noqa: E731
-    lenpred = a.policy or [P("predicted.yaml"), P("predicted-slo.yaml")]
+    lenpred = a.policy or [P("predicted-slo.yaml"), P("predicted.yaml")]
     name = lambda f: pathlib.Path(f).stem  # noqa: E731
+    main = lenpred[0]
     runs = [Run("batch", "vanilla", P("batch-rl-fcfs.yaml"), "none"),
             Run("online", "round-robin", P("baseline-round-robin.yaml"), "none"),
             Run("online", "least-load", P("baseline-least-load.yaml"), "none"),
             Run("online", "sglang-priority", P("baseline-round-robin.yaml"), "none", priority=True),
-            *[Run("online", name(f), f, "injected") for f in lenpred],
-            Run("batch", "lpt", P("batch-rl-lpt.yaml"), "injected"),
-            Run("batch", "lpt-oracle", P("batch-rl-lpt.yaml"), "oracle"),
-            Run("online", f"{name(lenpred[-1])}-oracle", lenpred[-1], "oracle")]
+            Run("online", name(main), main, "injected")]
     if a.over:
         runs += [Run("online", f"round-robin@{a.over:g}x", P("baseline-round-robin.yaml"), "none", a.over),
-                 Run("online", f"{name(lenpred[-1])}@{a.over:g}x", lenpred[-1], "injected", a.over)]
+                 Run("online", f"{name(main)}@{a.over:g}x", main, "injected", a.over)]
+    runs += [Run("batch", "lpt", P("batch-rl-lpt.yaml"), "injected"),
+             Run("batch", "lpt-oracle", P("batch-rl-lpt.yaml"), "oracle"),
+             *[Run("online", name(f), f, "injected") for f in lenpred[1:]],
+             Run("online", f"{name(main)}-oracle", main, "oracle")]
     if a.only:
         keep = a.only.split(",")
         runs = [r for r in runs if r.label in keep]
@@ -94,12 +100,16 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_dir = pathlib.Path(a.log_dir or tempfile.mkdtemp(prefix="lenpred-schedreal-"))
         self.work = wl.Workload.load(a.trace, tokenizer=a.tokenizer, pool=a.pool, seed=a.seed,
-                                     length_scale=a.length_scale, prompt_tokens=a.prompt_tokens)
+                                     length_scale=a.length_scale, prompt_tokens=a.prompt_tokens, cap_base=a.clip_estimate)
+        top = a.clip_estimate + len(self.work.items) + WARMUP_ITEMS + max(self.work.description["prompt_max"], 512)
+        if top >= min(CONTEXT, a.max_total_tokens) - 1:
+            raise SystemExit(f"caps up to {top} tokens (clip {a.clip_estimate} + pool + prompt) would be clamped by "
+                             f"SGLang (context {CONTEXT}, KV pool {a.max_total_tokens}): lower --pool or raise the KV")
         self.models = {"none": ErrorModel.load(a.error, a.seed), "injected": ErrorModel.load(a.error, a.seed),
                        "oracle": ErrorModel(seed=a.seed)}
         self.spec = eng.EngineSpec(model=a.model, device=a.device, dummy=a.dummy, max_total_tokens=a.max_total_tokens,
                                    mem_fraction=a.mem_fraction, max_running=a.max_running,
-                                   cuda_graph_bs=a.cuda_graph_bs, tap_every=a.tap_every)
+                                   cuda_graph_bs=a.cuda_graph_bs, tap_every=a.tap_every, clip_estimate=a.clip_estimate)
         self.rate = a.rate
         self.length_mode = "eos"
         self.res: dict = {
@@ -108,7 +118,7 @@ class Bench:
             "engine": self.spec.describe(), "workload": self.work.description,
             "error_model": self.models["injected"].describe(), "length_control": {}, "saturation": {}, "slo": {},
             "drain_s": a.drain_s, "rows": [], "skipped": [], "errors": []}
-        self.raw: dict = {"row_fields": replay.ROW, "items": [[i.index, i.prompt_tokens, i.output_tokens]
+        self.raw: dict = {"row_fields": replay.ROW, "items": [[i.index, i.prompt_tokens, i.output_tokens, i.cap]
                                                                 for i in self.work.items],
                           "predicted_p50": [i.output_tokens * math.exp(self.models["injected"].draw(i.id))
                                             for i in self.work.items],
@@ -131,12 +141,12 @@ class Bench:
         return (self.a.batch_n / self.rate if self.rate else 60) + 20
 
     # -- phases --------------------------------------------------------------------------------
-    def check_lengths(self, urls: list[str]) -> None:
+    def check_lengths(self, urls: list[str], modes=("eos", "max-new-tokens")) -> None:
         """Warm every replica up (prefill shapes, decode) and verify the length control on it."""
         shapes = [(4, 1), (16, 3), (64, 17), (256, 40), (512, 64), (32, 7), (128, 33), (8, 2)]
-        s = self.a.length_scale
-        items = [Item(f"warm{k}", WARMUP_INDEX + k, max(int(p / s), 2), max(int(o / s), 1))
-                 for k, (p, o) in enumerate(shapes)]
+        s, n = self.a.length_scale, len(self.work.items)
+        items = [Item(f"warm{k}", n + k, max(int(p / s), 2), max(int(o / s), 1), self.a.clip_estimate + n + k)
+                 for k, (p, o) in enumerate(shapes[:WARMUP_ITEMS])]
         self.inj.set(items=items)
 
         async def go(mode: str) -> list[tuple[int, int]]:
@@ -149,8 +159,12 @@ class Bench:
                 return await asyncio.gather(*(one(u, it) for u in urls for it in items))
 
         checked = {}
-        for mode in ("eos", "max-new-tokens"):
-            pairs = asyncio.run(go(mode))
+        for mode in modes:
+            try:
+                pairs = asyncio.run(go(mode))
+            except Exception as e:  # noqa: BLE001 — e.g. a replica died on the processor
+                checked[mode] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                continue
             bad = [p for p in pairs if p[0] != p[1]]
             checked[mode] = {"requests": len(pairs), "wrong": len(bad), "examples": bad[:5]}
             if not bad:
@@ -160,7 +174,8 @@ class Bench:
             self.length_mode = "eos"
             self.res["errors"].append(f"length control failed in both modes: {checked}")
         note = ("custom logit processor ends each answer at its trace length on EOS; max_new_tokens is a generic "
-                "cap (4096 + item), so neither the router nor SGLang's admission knows the length"
+                f"cap ({self.a.clip_estimate} + item index; SGLang estimates every request at {self.a.clip_estimate}), "
+                "so neither the router nor SGLang's admission knows the length"
                 if self.length_mode == "eos" else
                 "FALLBACK ignore_eos + max_new_tokens = length: the router caps estimates at the true length and "
                 "SGLang reserves KV for it; predicted rows are optimistic")
@@ -250,6 +265,9 @@ class Bench:
 
     def main(self) -> int:
         a = self.a
+        # `timeout` and the device runner stop with SIGTERM: unwind, so replicas are stopped and
+        # what was measured is written
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         with contextlib.ExitStack() as stack:
             redis = RedisServer.start()
             stack.callback(redis.stop)
@@ -275,6 +293,12 @@ class Bench:
             if smol_thread:
                 smol_thread.join()
             self.check_lengths([e.url for e in engines])
+            if not all(e.alive() for e in engines):   # never seen; a replica lost must not sink the run
+                self.res["errors"].append("a replica died during the length check:\n" + eng.tails(engines, 30))
+                eng.stop(engines)
+                engines[:] = eng.launch(self.spec, a.replicas, self.inj.target, self.log_dir, "engine-retry")
+                eng.wait(engines, a.startup_timeout)
+                self.check_lengths([e.url for e in engines], ("max-new-tokens",))
             self.save()
             for run in plan(a):
                 try:
@@ -330,6 +354,8 @@ def parse(argv: list[str]):
     p.add_argument("--cuda-graph-bs", type=int, default=128)
     p.add_argument("--tap-every", type=int, default=16)
     p.add_argument("--eos", type=int, default=2, help="EOS token id the engines stop on")
+    p.add_argument("--clip-estimate", type=int, default=2048,
+                   help="SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION, and the base of the per-item caps")
     p.add_argument("--trace", default="sharegpt:../shared/data/sharegpt/first_turn.jsonl")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for --trace sharegpt:FILE")
     p.add_argument("--pool", type=int, default=2900)
@@ -339,10 +365,10 @@ def parse(argv: list[str]):
     p.add_argument("--policy", action="append", default=[], help="lenpred policy for the online runs (repeatable)")
     p.add_argument("--rate", type=float, default=None, help="saturation rate, req/s (default: from the vanilla batch run)")
     p.add_argument("--over", type=float, default=1.3, help="above-saturation factor (0: no such runs)")
-    p.add_argument("--online-s", type=float, default=30.0)
-    p.add_argument("--warmup-s", type=float, default=5.0)
-    p.add_argument("--drain-s", type=float, default=25.0)
-    p.add_argument("--batch-n", type=int, default=300)
+    p.add_argument("--online-s", type=float, default=20.0, help="arrival window of an online run")
+    p.add_argument("--warmup-s", type=float, default=4.0, help="arrivals before this are not measured")
+    p.add_argument("--drain-s", type=float, default=25.0, help="wait this long after the last arrival")
+    p.add_argument("--batch-n", type=int, default=250)
     p.add_argument("--slo-ttft-s", type=float, default=2.0)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--only", default="", help="comma-separated run labels to run")
@@ -369,8 +395,6 @@ def parse(argv: list[str]):
     a.dummy = (a.device == "cuda") if a.dummy is None else a.dummy
     a.mem_fraction = a.mem_fraction or (0.75 if a.device == "cuda" else 0.3)
     a.name = a.name or ("schedule_gpu" if a.device == "cuda" else "schedule_cpu")
-    if a.pool + 64 > WARMUP_INDEX:
-        p.error(f"--pool must stay below {WARMUP_INDEX - 64} (caps 4096 + index must fit the context)")
     return a
 
 

@@ -9,6 +9,16 @@ concurrently (SGLang sizes the pool from the free memory it sees after loading, 
 CPU (tests, the smoke run): `lenpred.harness.engine`'s dev launcher flags; replicas start one
 after the other (each takes ~70 s and both cores).
 
+Two SGLang admission settings, both environment variables of SGLang's own:
+- SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION=2048. SGLang reserves KV for min(max_new_tokens, this clip)
+  x its new-token ratio per request. Requests here carry a cap of 4096 + item index (the cap names
+  the item for the injector, lenpred.harness.inject), so the clip makes SGLang plan as for a client
+  that sends max_tokens = 2048, the trace's own bound (prompt + output <= 2048).
+- SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS=60 (default 600). SGLang resets that ratio to 0.7 whenever a
+  replica goes idle, as it does between two runs here, and decays it to 0.098 over this many decode
+  steps (~20 s at the default). A replica on a loaded fleet has long finished that ramp; shortening
+  it puts it inside each run's unmeasured warm-up instead of inside the measurement.
+
 Every replica runs `--enable-priority-scheduling` (requests without a priority get SGLang's default
 and are served FCFS), `--enable-metrics` (engine-side first-token and end times in each answer),
 and `--enable-custom-logit-processor` (the length control, `lenpred.harness.lengthctl`).
@@ -41,6 +51,8 @@ class EngineSpec:
     max_running: int = 128
     cuda_graph_bs: int = 128
     tap_every: int = 16
+    clip_estimate: int = 2048         # SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION (see SGLANG_ENV)
+    ratio_decay_steps: int = 60       # SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS (see SGLANG_ENV)
     extra: list[str] = field(default_factory=list)
 
     def flags(self) -> list[str]:
@@ -55,7 +67,8 @@ class EngineSpec:
         return f + list(self.extra)
 
     def env(self, sidecar: str) -> dict[str, str]:
-        tap = {"SGLANG_PLUGINS": "lenpred_tap", "LENPRED_SIDECAR": sidecar, "LENPRED_TAP_POOL": "0",
+        tap = {"SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": str(self.clip_estimate),
+               "SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS": str(self.ratio_decay_steps),"SGLANG_PLUGINS": "lenpred_tap", "LENPRED_SIDECAR": sidecar, "LENPRED_TAP_POOL": "0",
                "LENPRED_TAP_PREFIX_TOKENS": "0", "LENPRED_TAP_EVERY": str(self.tap_every),
                "LENPRED_TAP_DTYPE": "bfloat16", "LENPRED_TAP_WIRE": "v1", "LENPRED_TAP_LOG_EVERY_S": "30"}
         if self.device == "cpu":
@@ -67,6 +80,8 @@ class EngineSpec:
         return {"model": self.model, "device": self.device, "dummy_weights": self.dummy,
                 "max_total_tokens": self.max_total_tokens, "mem_fraction_static": self.mem_fraction,
                 "max_running_requests": self.max_running, "tap_every": self.tap_every,
+                "env": {"SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": self.clip_estimate,
+                        "SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS": self.ratio_decay_steps},
                 "flags": " ".join(self.flags())}
 
 

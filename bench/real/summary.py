@@ -91,13 +91,12 @@ def render(res: dict) -> str:
     if on:
         lines += ["Online (Poisson arrivals; measured: requests arriving after the warm-up):", "",
                   report.markdown_table(on, ONLINE_COLS), ""]
-        base = next((r for r in on if r["label"] == "round-robin"), None)
-        if base and base.get("tpot_p99_ms"):
-            lines.append("Versus round-robin at the same rate: " + "; ".join(
-                f"{r['label']}: P99 TPOT {100 * (r['tpot_p99_ms'] / base['tpot_p99_ms'] - 1):+.0f}%, goodput "
-                f"x{r['goodput_rps'] / max(base['goodput_rps'], 1e-9):.2f}"
-                for r in on if r is not base and r.get("tpot_p99_ms") and r.get("rate_rps") == base.get("rate_rps")) + ".")
-            lines.append("")
+        rr = {r["rate_rps"]: r for r in on if r["label"].startswith("round-robin") and r.get("tpot_p99_ms")}
+        vs = [f"{r['label']}: P99 TPOT {100 * (r['tpot_p99_ms'] / rr[r['rate_rps']]['tpot_p99_ms'] - 1):+.0f}%, "
+              f"goodput x{r.get('goodput_rps', 0) / max(rr[r['rate_rps']].get('goodput_rps', 0), 1e-9):.2f}"
+              for r in on if r.get("rate_rps") in rr and r is not rr[r["rate_rps"]] and r.get("tpot_p99_ms")]
+        if vs:
+            lines += ["Versus round-robin at the same rate: " + "; ".join(vs) + ".", ""]
     if ba:
         lines += ["Batch (all requests in one `POST /v1/lenpred/batch`):", "", report.markdown_table(ba, BATCH_COLS), ""]
         van = next((r for r in ba if r["label"] == "vanilla"), None)

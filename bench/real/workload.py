@@ -71,7 +71,8 @@ class Workload:
 
     @classmethod
     def load(cls, spec: str, *, tokenizer: str | None = None, pool: int = 3000, seed: int = 0,
-             length_scale: float = 1.0, prompt_tokens: int = 128) -> "Workload":
+             length_scale: float = 1.0, prompt_tokens: int = 128, cap_base: int = 2048) -> "Workload":
+        """Item i carries the cap `cap_base + i` (lenpred.harness.inject)."""
         rows, desc = read_trace(spec, tokenizer, prompt_tokens)
         kept = [r for r in rows if r[1] >= MIN_TOKENS and r[2] >= MIN_TOKENS and r[1] <= MAX_PROMPT
                 and r[1] + r[2] <= MAX_TOTAL]
@@ -80,15 +81,16 @@ class Workload:
         if not kept:
             raise ValueError(f"{spec}: no items left after the filter")
         s = max(length_scale, 1.0)
-        items = [Item(id=i, index=k, prompt_tokens=max(math.ceil(p / s), 1), output_tokens=max(math.ceil(o / s), 1))
-                 for k, (i, p, o) in enumerate(kept)]
+        items = [Item(id=i, index=k, prompt_tokens=max(math.ceil(p / s), 1), output_tokens=max(math.ceil(o / s), 1),
+                      cap=cap_base + k) for k, (i, p, o) in enumerate(kept)]
         n = len(items)
         desc.update(kept=passed, of=len(rows), pool=n, seed=seed, length_scale=s,
                     filter=f"prompt and output >= {MIN_TOKENS}, prompt <= {MAX_PROMPT}, prompt + output <= {MAX_TOTAL}",
                     prompt_mean=sum(x.prompt_tokens for x in items) / n,
                     output_mean=sum(x.output_tokens for x in items) / n,
                     output_p50=sorted(x.output_tokens for x in items)[n // 2],
-                    output_max=max(x.output_tokens for x in items))
+                    output_max=max(x.output_tokens for x in items), prompt_max=max(x.prompt_tokens for x in items),
+                    cap_base=cap_base)
         return cls(items, desc)
 
     def poisson(self, rate: float, seconds: float, seed: int) -> list[tuple[float, Item]]:

@@ -11,9 +11,10 @@ cannot tell the difference; every number produced with it is labelled "injected"
 Where the truth comes from. The tap ships each prefill row's prompt length and `max_new_tokens`.
 With `ignore_eos` + `max_new_tokens = L` the latter IS the length, but that leaks L to the router
 and to SGLang's admission (see `lengthctl`). So the benchmark registers its workload here and gives
-item i the generic cap `CAP_BASE + i` (SGLang clips its own KV estimate at 4096 tokens, so every cap
-weighs the same there, and the router learns nothing from it): the cap on a prefill row names the
-item, hence its length L. A continuation (the router moved the request, rid `<rid>-m<k>`, or capped
+each item its own generic cap, `base + i` (the benchmark clips SGLang's own KV estimate at `base`,
+so every cap weighs the same there, and the router learns nothing from it; caps must stay below
+what SGLang would clamp them to, context or KV pool minus the prompt): the cap on a prefill row
+names the item, hence its length L. A continuation (the router moved the request, rid `<rid>-m<k>`, or capped
 and resumed it, `<rid>-c<k>`) is resolved through its base rid; its prompt holds the answer so far,
 so its true remaining length is L minus (its prompt length - the item's). A probe (`<rid>-probe`)
 carries a 1-token cap, so it is matched by prompt length, among the registered items of that
@@ -65,7 +66,6 @@ RESIDUALS = Path(str(importlib.resources.files("lenpred.sidecar") / "heads" / "s
 PLP_RATIO = ((0, 110 / 122.6), (8, 122 / 128.7), (16, 121 / 128.0), (32, 118 / 126.4), (64, 111 / 121.6),
              (128, 107 / 116.4))
 HEAD_VERSION = "injected"
-CAP_BASE = 4096   # item i is sent with max_new_tokens = CAP_BASE + i (SGLang clips its estimate at 4096)
 _SUFFIX = re.compile(r"-(probe|m\d+|c\d+)$")
 
 
@@ -142,13 +142,10 @@ class ErrorModel:
 @dataclass
 class Item:
     id: str
-    index: int            # position in the workload: the request carries max_new_tokens = cap
+    index: int            # position in the workload
     prompt_tokens: int
     output_tokens: int
-
-    @property
-    def cap(self) -> int:
-        return CAP_BASE + self.index
+    cap: int = 0          # the max_new_tokens its requests carry: names the item (0: none)
 
 
 @dataclass
@@ -188,9 +185,9 @@ class Injector:
 
     def register(self, items: list[Item]) -> None:
         """The workload being replayed (replaces the previous one)."""
-        self.by_cap = {it.cap: it for it in items}
-        if len(self.by_cap) != len(items):
-            raise ValueError("workload items must have distinct indices (their caps name them)")
+        self.by_cap = {it.cap: it for it in items if it.cap > 0}
+        if len(self.by_cap) != sum(1 for it in items if it.cap > 0):
+            raise ValueError("workload items must have distinct caps (the cap names the item)")
         self.unprobed = {}
         for it in sorted(items, key=lambda x: x.index):
             self.unprobed.setdefault(it.prompt_tokens, []).append(it)
@@ -223,7 +220,7 @@ class Injector:
         if item is not None:
             done = max(prompt_tokens - item.prompt_tokens, 0)   # answer tokens already in the prompt
             true_left = max(item.output_tokens - done, 1)
-        elif 0 < max_new_tokens < CAP_BASE:
+        elif 0 < max_new_tokens < min(self.by_cap, default=1 << 62):
             true_left = max_new_tokens
             self.stats.by_max_new_tokens += 1
         else:
