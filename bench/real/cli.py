@@ -101,7 +101,8 @@ class Bench:
         self.log_dir = pathlib.Path(a.log_dir or tempfile.mkdtemp(prefix="lenpred-schedreal-"))
         self.work = wl.Workload.load(a.trace, tokenizer=a.tokenizer, pool=a.pool, seed=a.seed,
                                      length_scale=a.length_scale, prompt_tokens=a.prompt_tokens, cap_base=a.clip_estimate)
-        top = a.clip_estimate + len(self.work.items) + WARMUP_ITEMS + max(self.work.description["prompt_max"], 512)
+        top = (a.clip_estimate + len(self.work.items) + WARMUP_ITEMS
+               + max(self.work.description["prompt_max"], int(512 / a.length_scale)))   # 512: the longest warm-up prompt
         if top >= min(CONTEXT, a.max_total_tokens) - 1:
             raise SystemExit(f"caps up to {top} tokens (clip {a.clip_estimate} + pool + prompt) would be clamped by "
                              f"SGLang (context {CONTEXT}, KV pool {a.max_total_tokens}): lower --pool or raise the KV")

@@ -15,6 +15,7 @@ from lenpred.bench.crosscheck import EventTap, pick_prompts, replay, run_router,
 from lenpred.bench.real import engines as eng
 from lenpred.harness.procs import lenpred_argv, spawn, wait_grpc
 from lenpred.harness.redisproc import free_port
+from lenpred.model import MODEL_ID
 
 NAMESPACE = "smol"
 
@@ -31,7 +32,7 @@ def run(*, model: str, device: str, replicas: int, prompts_file: str, n: int, ra
     sidecar = spawn("smol-sidecar", lenpred_argv("sidecar", "--port", str(port), "--redis-url", redis_url,
                                                  "--namespace", NAMESPACE, "--device", device), log_dir)
     spec = eng.EngineSpec(model=model, device=device, max_total_tokens=max_total_tokens, mem_fraction=mem_fraction,
-                          cuda_graph_bs=64, tap_every=8)
+                          cuda_graph_bs=64, tap_every=8, model_id=MODEL_ID)
     engines: list = []
     out: dict = {"model": model, "replicas": replicas, "prompts": len(prompts), "rate_rps": rate,
                  "max_tokens": max_tokens, "engine": spec.describe(), "runs": []}

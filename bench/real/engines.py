@@ -51,8 +51,9 @@ class EngineSpec:
     max_running: int = 128
     cuda_graph_bs: int = 128
     tap_every: int = 16
-    clip_estimate: int = 2048         # SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION (see SGLANG_ENV)
-    ratio_decay_steps: int = 60       # SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS (see SGLANG_ENV)
+    clip_estimate: int = 2048         # SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION (module docstring)
+    ratio_decay_steps: int = 60       # SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS (module docstring)
+    model_id: str = ""                # LENPRED_MODEL_ID: the head family the sidecar picks (real weights)
     extra: list[str] = field(default_factory=list)
 
     def flags(self) -> list[str]:
@@ -70,7 +71,8 @@ class EngineSpec:
         tap = {"SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": str(self.clip_estimate),
                "SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS": str(self.ratio_decay_steps),"SGLANG_PLUGINS": "lenpred_tap", "LENPRED_SIDECAR": sidecar, "LENPRED_TAP_POOL": "0",
                "LENPRED_TAP_PREFIX_TOKENS": "0", "LENPRED_TAP_EVERY": str(self.tap_every),
-               "LENPRED_TAP_DTYPE": "bfloat16", "LENPRED_TAP_WIRE": "v1", "LENPRED_TAP_LOG_EVERY_S": "30"}
+               "LENPRED_TAP_DTYPE": "bfloat16", "LENPRED_TAP_WIRE": "v1", "LENPRED_TAP_LOG_EVERY_S": "30",
+               **({"LENPRED_MODEL_ID": self.model_id} if self.model_id else {})}
         if self.device == "cpu":
             return engine_env(sidecar, tap)
         return {**os.environ, **tap, "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND": "python", "HF_HUB_OFFLINE": "1",

@@ -142,6 +142,16 @@ async def online(router: str, engines: list[str], arrivals: list[tuple[float, It
     return results, poller.samples, wall
 
 
+async def batch_messages(c: httpx.AsyncClient, bodies: list[dict]):
+    """POST the bodies as one `/v1/lenpred/batch` (api generate) and yield its NDJSON messages: one
+    per request (`index`, `status`, `response`) in completion order, then the `summary`."""
+    async with c.stream("POST", "/v1/lenpred/batch", json={"api": "generate", "requests": bodies}) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.strip():
+                yield json.loads(line)
+
+
 async def batch(router: str, engines: list[str], items: list[Item], make_body, *, timeout_s: float,
                 poll_s: float = 0.5) -> tuple[list[Result], dict, list[dict], float]:
     """All requests in one `POST /v1/lenpred/batch` (the router plans the set); NDJSON answers."""
@@ -152,22 +162,16 @@ async def batch(router: str, engines: list[str], items: list[Item], make_body, *
         t0 = time.monotonic()
         poller.start(t0)
         try:
-            async with c.stream("POST", "/v1/lenpred/batch",
-                                json={"api": "generate", "requests": [make_body(it) for it in items]}) as resp:
-                resp.raise_for_status()
-                async for line in resp.aiter_lines():
-                    if not line.strip():
-                        continue
-                    msg = json.loads(line)
-                    if "summary" in msg:
-                        summary = msg["summary"]
-                        continue
-                    r = results[msg["index"]]
-                    r.done, r.status = time.monotonic() - t0, msg["status"]
-                    if msg["status"] == 200:
-                        fill(r, msg["response"], r.done)
-                    else:
-                        r.error = str(msg.get("error", ""))[:200]
+            async for msg in batch_messages(c, [make_body(it) for it in items]):
+                if "summary" in msg:
+                    summary = msg["summary"]
+                    continue
+                r = results[msg["index"]]
+                r.done, r.status = time.monotonic() - t0, msg["status"]
+                if msg["status"] == 200:
+                    fill(r, msg["response"], r.done)
+                else:
+                    r.error = str(msg.get("error", ""))[:200]
         except httpx.HTTPError as e:
             summary["error"] = f"{type(e).__name__}: {e}"[:300]
         await poller.stop()

@@ -76,7 +76,8 @@ def render(res: dict) -> str:
              f"Workload: {wl['trace']} ({wl['kept']} of {wl['of']} items after the filter: {wl['filter']}; lengths "
              f"/{wl['length_scale']:g}; prompt mean {wl['prompt_mean']:.0f}, output mean {wl['output_mean']:.0f}, "
              f"p50 {wl['output_p50']}, max {wl['output_max']} tokens), random token ids.",
-             f"Length control: {res['length_control']['mode']} ({res['length_control']['note']}).",
+             (f"Length control: {res['length_control']['mode']} ({res['length_control']['note']})."
+              if res.get("length_control") else "Length control: not checked yet."),
              f"Predictions: INJECTED — true length x the served head's measured error ({res['error_model']['source']}); "
              "oracle rows: the true length. Neither the router nor SGLang sees the length in the request.", ""]
     sat = res.get("saturation") or {}
