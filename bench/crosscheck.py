@@ -381,6 +381,7 @@ def real_main(argv: list[str]) -> int:
     fit = fit_cost(raw)
     eng_spec, err = real["engine"], real["error_model"]
     items = {i: Item(str(i), i, pt, ot, cap) for i, pt, ot, cap in raw["items"]}
+    batch_items = {i: Item(str(i), i, pt, ot, cap) for i, pt, ot, cap in raw.get("batch_items", raw["items"])}
     preds = raw["predicted_p50"]
     sigma = math.log(err.get("p90_factor", 1.0)) / 1.2816 if err.get("p90_factor") else 0.0
     log_dir = pathlib.Path(a.log_dir or tempfile.mkdtemp(prefix="lenpred-crosscheck-real-"))
@@ -427,7 +428,7 @@ def real_main(argv: list[str]) -> int:
                                                           drain_s=real.get("drain_s", 60.0)))
                         emu_row = sm.online(res, row["window_s"], slo)
                     else:
-                        res, _, _, _ = asyncio.run(rp.batch(url, [], [items[r.index] for r in real_results], make,
+                        res, _, _, _ = asyncio.run(rp.batch(url, [], [batch_items[r.index] for r in real_results], make,
                                                             timeout_s=None))
                         emu_row = sm.batch(res)
                 finally:

@@ -38,6 +38,7 @@ import math
 import os
 import pathlib
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -101,8 +102,10 @@ class Bench:
         self.log_dir = pathlib.Path(a.log_dir or tempfile.mkdtemp(prefix="lenpred-schedreal-"))
         self.work = wl.Workload.load(a.trace, tokenizer=a.tokenizer, pool=a.pool, seed=a.seed,
                                      length_scale=a.length_scale, prompt_tokens=a.prompt_tokens, cap_base=a.clip_estimate)
-        top = (a.clip_estimate + len(self.work.items) + WARMUP_ITEMS
-               + max(self.work.description["prompt_max"], int(512 / a.length_scale)))   # 512: the longest warm-up prompt
+        self.batch_items = wl.distinct_prompts(self.work.items[: a.batch_n])
+        top = (a.clip_estimate + len(self.work.items) + WARMUP_ITEMS   # 512: the longest warm-up prompt
+               + max(self.work.description["prompt_max"], max(i.prompt_tokens for i in self.batch_items),
+                     int(512 / a.length_scale)))
         if top >= min(CONTEXT, a.max_total_tokens) - 1:
             raise SystemExit(f"caps up to {top} tokens (clip {a.clip_estimate} + pool + prompt) would be clamped by "
                              f"SGLang (context {CONTEXT}, KV pool {a.max_total_tokens}): lower --pool or raise the KV")
@@ -117,10 +120,17 @@ class Bench:
             "bench": "schedule-real", "injected_predictions": True, "command": "lenpred bench schedule-real " + " ".join(argv),
             "environment": {**report.environment(), "sglang": _version("sglang")}, "replicas": a.replicas,
             "engine": self.spec.describe(), "workload": self.work.description,
+            "batch_workload": {"requests": len(self.batch_items),
+                               "prompt_mean_before": statistics.fmean(i.prompt_tokens for i in self.work.items[: a.batch_n]),
+                               "prompt_mean": statistics.fmean(i.prompt_tokens for i in self.batch_items),
+                               "output_mean": statistics.fmean(i.output_tokens for i in self.batch_items),
+                               "note": "the first --batch-n items, prompt lengths made distinct (the router's 1-token "
+                                       "probes are matched by prompt length)"},
             "error_model": self.models["injected"].describe(), "length_control": {}, "saturation": {}, "slo": {},
             "drain_s": a.drain_s, "rows": [], "skipped": [], "errors": []}
         self.raw: dict = {"row_fields": replay.ROW, "items": [[i.index, i.prompt_tokens, i.output_tokens, i.cap]
                                                                 for i in self.work.items],
+                          "batch_items": [[i.index, i.prompt_tokens, i.output_tokens, i.cap] for i in self.batch_items],
                           "predicted_p50": [i.output_tokens * math.exp(self.models["injected"].draw(i.id))
                                             for i in self.work.items],
                           "runs": {}}
@@ -203,7 +213,7 @@ class Bench:
             return
         print(f"[schedule-real] {run.mode} {run.label} ({pathlib.Path(run.policy).name}, predictions "
               f"{run.predictions}) ...", file=sys.stderr, flush=True)
-        self.inj.set(model=self.models[run.predictions], items=self.work.items)
+        self.inj.set(model=self.models[run.predictions], items=self.work.items if run.mode == "online" else self.batch_items)
 
         def make(it: Item) -> dict:
             return wl.body(it, run.label, a.eos, wl.prompt_priority(it) if run.priority else None, self.length_mode)
@@ -237,9 +247,16 @@ class Bench:
         self.res["rows"].append(row)
         self.raw["runs"][run.label] = {"mode": run.mode, "results": [r.row() for r in results], "loads": loads}
         if run.label == "vanilla" and not self.rate:
-            self.rate = row.get("steady_rps") or row.get("throughput_rps")
-            self.res["saturation"] = {"rate_rps": self.rate, "source": "steady completion rate (10th-90th "
-                                      "percentile of completions) of the vanilla batch run"}
+            # the batch items' prompts were lengthened: on KV-bound replicas the online items (original
+            # prompts) complete faster by the ratio of KV held over a request's life, L x (P + L/2)
+            kv = lambda items: sum(i.output_tokens * (i.prompt_tokens + i.output_tokens / 2) for i in items)  # noqa: E731
+            ratio = kv(self.batch_items) / kv(self.work.items[: a.batch_n])
+            steady = row.get("steady_rps") or row.get("throughput_rps")
+            self.rate = steady * ratio
+            self.res["saturation"] = {"rate_rps": self.rate, "vanilla_steady_rps": steady, "kv_ratio": ratio,
+                                      "source": f"steady completion rate (10th-90th percentile of completions) of the "
+                                                f"vanilla batch run, x{ratio:.2f} for its lengthened prompts (KV held "
+                                                f"over a request's life, L x (P + L/2), batch items over the originals)"}
         self.summarize_online()
         self.save()
 

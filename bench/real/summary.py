@@ -99,7 +99,11 @@ def render(res: dict) -> str:
         if vs:
             lines += ["Versus round-robin at the same rate: " + "; ".join(vs) + ".", ""]
     if ba:
-        lines += ["Batch (all requests in one `POST /v1/lenpred/batch`):", "", report.markdown_table(ba, BATCH_COLS), ""]
+        bw = res.get("batch_workload") or {}
+        lines += [f"Batch (all {bw.get('requests', '')} requests in one `POST /v1/lenpred/batch`; prompt lengths made "
+                  f"distinct so the router's probes can be told apart: mean prompt {bw.get('prompt_mean_before', 0):.0f} "
+                  f"-> {bw.get('prompt_mean', 0):.0f} tokens, outputs untouched):", "",
+                  report.markdown_table(ba, BATCH_COLS), ""]
         van = next((r for r in ba if r["label"] == "vanilla"), None)
         if van and van.get("makespan_s"):
             lines.append("Makespan versus vanilla: " + "; ".join(

@@ -14,6 +14,7 @@ and a salt that changes per run (no prefix-cache hits carry over from one run to
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -104,6 +105,17 @@ class Workload:
                 raise ValueError(f"{rate} req/s for {seconds} s needs more than the {len(self.items)} items "
                                  "in the pool: raise --pool")
             out.append((t, self.items[len(out)]))
+
+
+def distinct_prompts(items: list[Item]) -> list[Item]:
+    """The same items with pairwise distinct prompt lengths, each raised as little as possible
+    (in order of length). Batch runs need it: the router's 1-token probes can only be told apart by
+    prompt length (lenpred.harness.inject); output lengths are untouched."""
+    out, prev = {}, 0
+    for it in sorted(items, key=lambda x: (x.prompt_tokens, x.index)):
+        p = max(it.prompt_tokens, prev + 1)
+        out[it.index], prev = dataclasses.replace(it, prompt_tokens=p), p
+    return [out[it.index] for it in items]
 
 
 def prompt_ids(item: Item, salt: str, vocab: int = 30000) -> list[int]:

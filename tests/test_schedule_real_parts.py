@@ -1,5 +1,5 @@
-"""The emulator calibration from real engines' load samples (`lenpred bench crosscheck --real`), and
-the per-run numbers of `lenpred bench schedule-real`."""
+"""The parts of `lenpred bench schedule-real` that need no engine: the emulator calibration from
+real engines' load samples (`lenpred bench crosscheck --real`), the per-run numbers, the workload."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,8 @@ import pytest
 from lenpred.bench.crosscheck import fit_cost
 from lenpred.bench.real import summary
 from lenpred.bench.real.replay import Result
+from lenpred.bench.real.workload import distinct_prompts
+from lenpred.harness.inject import Item
 
 
 def samples(a: float, b: float, c: float, prefill_us_per_token: float, seed: int = 0) -> list[dict]:
@@ -70,3 +72,16 @@ def test_batch_steady_rate_ignores_the_tail():
     row = summary.batch(res)
     assert row["makespan_s"] == 100.0 and row["completed"] == 21
     assert row["steady_rps"] == pytest.approx(0.8 * 21 / (19.0 - 3.0))
+
+
+@pytest.mark.parametrize("prompts,expected", [
+    ([5, 5, 5], [5, 6, 7]),
+    ([9, 3, 3, 4], [9, 3, 4, 5]),
+    ([10, 1, 10, 2], [10, 1, 11, 2]),
+    ([7], [7]),
+])
+def test_distinct_prompts_raise_as_little_as_possible(prompts, expected):
+    items = [Item(f"i{k}", k, p, 100 + k, 2048 + k) for k, p in enumerate(prompts)]
+    out = distinct_prompts(items)
+    assert [i.prompt_tokens for i in out] == expected
+    assert [(i.id, i.index, i.output_tokens, i.cap) for i in out] == [(i.id, i.index, i.output_tokens, i.cap) for i in items]
