@@ -16,8 +16,8 @@ every run, so a command cut short still leaves the finished ones):
           `--enable-priority-scheduling`, priority = shortest prompt first in log2 size classes: the
           only length signal a client has without lenpred), the first `--policy` (lenpred,
           injected predictions; default predicted-slo.yaml)
-  online  round-robin and the first `--policy` at `--over` x saturation
   batch   LPT (batch-rl-lpt: probe, longest predicted first), injected and oracle
+  online  round-robin and the first `--policy` at `--over` x saturation
   online  the other `--policy` files (default predicted.yaml); the first with oracle lengths
 Goodput's SLO: TTFT <= `--slo-ttft-s` and TPOT <= `--slo-tpot-ms`, default 1.5 x the round-robin
 run's median TPOT (set by the baseline, the same for every policy); a grid of other SLOs is in the
@@ -79,13 +79,13 @@ def plan(a) -> list[Run]:
             Run("online", "round-robin", P("baseline-round-robin.yaml"), "none"),
             Run("online", "least-load", P("baseline-least-load.yaml"), "none"),
             Run("online", "sglang-priority", P("baseline-round-robin.yaml"), "none", priority=True),
-            Run("online", name(main), main, "injected")]
+            Run("online", name(main), main, "injected"),
+            Run("batch", "lpt", P("batch-rl-lpt.yaml"), "injected"),
+            Run("batch", "lpt-oracle", P("batch-rl-lpt.yaml"), "oracle")]
     if a.over:
         runs += [Run("online", f"round-robin@{a.over:g}x", P("baseline-round-robin.yaml"), "none", a.over),
                  Run("online", f"{name(main)}@{a.over:g}x", main, "injected", a.over)]
-    runs += [Run("batch", "lpt", P("batch-rl-lpt.yaml"), "injected"),
-             Run("batch", "lpt-oracle", P("batch-rl-lpt.yaml"), "oracle"),
-             *[Run("online", name(f), f, "injected") for f in lenpred[1:]],
+    runs += [*[Run("online", name(f), f, "injected") for f in lenpred[1:]],
              Run("online", f"{name(main)}-oracle", main, "oracle")]
     if a.only:
         keep = a.only.split(",")
@@ -385,8 +385,8 @@ def parse(argv: list[str]):
     p.add_argument("--over", type=float, default=1.3, help="above-saturation factor (0: no such runs)")
     p.add_argument("--online-s", type=float, default=20.0, help="arrival window of an online run")
     p.add_argument("--warmup-s", type=float, default=4.0, help="arrivals before this are not measured")
-    p.add_argument("--drain-s", type=float, default=25.0, help="wait this long after the last arrival")
-    p.add_argument("--batch-n", type=int, default=250)
+    p.add_argument("--drain-s", type=float, default=20.0, help="wait this long after the last arrival")
+    p.add_argument("--batch-n", type=int, default=160)
     p.add_argument("--slo-ttft-s", type=float, default=2.0)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--only", default="", help="comma-separated run labels to run")
