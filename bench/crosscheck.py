@@ -32,6 +32,7 @@ import math
 import os
 import pathlib
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -376,6 +377,7 @@ def real_main(argv: list[str]) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # unwind: emulators and routers are stopped
     real = json.loads(pathlib.Path(a.real).read_text())
     raw = json.loads(pathlib.Path(a.real[: -len(".json")] + "_raw.json").read_text())
     fit = fit_cost(raw)
