@@ -33,7 +33,7 @@ def test_schedule_real_on_cpu(tmp_path):
         "--device", "cpu", "--replicas", "2", "--trace", f"sharegpt:{subset}", "--tokenizer", str(hf_checkpoint()),
         "--length-scale", "16", "--max-total-tokens", "4096", "--pool", "200", "--batch-n", "20", "--rate", "0.6",
         "--online-s", "8",
-        "--warmup-s", "1", "--drain-s", "240", "--over", "0", "--only", "vanilla,round-robin,predicted-slo",
+        "--warmup-s", "1", "--drain-s", "240", "--over", "0", "--only", "vanilla,round-robin,predicted-slo,lpt",
         "--slo-ttft-s", "30", "--smol-model", str(hf_checkpoint()), "--smol-prompts", str(subset),
         "--smol-replicas", "1", "--smol-n", "3", "--smol-rate", "1", "--smol-max-tokens", "12",
         "--out", str(out), "--log-dir", str(tmp_path / "logs")])
@@ -41,7 +41,7 @@ def test_schedule_real_on_cpu(tmp_path):
     raw = json.loads((out / "schedule_cpu_raw.json").read_text())
     assert code == 0, res["errors"]
     assert res["length_control"]["mode"] == "eos" and res["length_control"]["check"]["eos"]["wrong"] == 0
-    assert [r["label"] for r in res["rows"]] == ["vanilla", "round-robin", "predicted-slo"]
+    assert [r["label"] for r in res["rows"]] == ["vanilla", "round-robin", "predicted-slo", "lpt"]
     for row in res["rows"]:
         assert row["completed"] == row["requests"] > 0, row
         assert row["length_errors"] == 0, row
@@ -52,6 +52,7 @@ def test_schedule_real_on_cpu(tmp_path):
     inj = res["injector"]
     assert inj["prefill"] > 0 and inj["by_cap"] > 0 and inj["decode"] > 0 and inj["errors"] == []
     assert inj["length_mismatch"] == 0
+    assert inj["by_prompt"] == 20 and inj["probe_mismatch"] == 0   # every LPT probe matched to its own item
     assert inj["by_max_new_tokens"] <= 2     # only the engines' own start-up warm-up requests (no item yet)
     loads = raw["runs"]["round-robin"]["loads"]
     assert loads and any(s["decode_moments"] for s in loads)      # calibration material is there

@@ -230,7 +230,7 @@ class Bench:
                                                                  drain_s=a.drain_s))
                 row.update(rate_rps=rate, window_s=a.online_s - a.warmup_s, warmup_s=a.warmup_s)
             else:
-                items = self.work.items[: a.batch_n]
+                items = self.batch_items
                 left = self.left()
                 results, bsum, loads, wall = asyncio.run(replay.batch(
                     url, urls, items, make, timeout_s=max(left, 60) if left != float("inf") else None))

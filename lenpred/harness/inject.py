@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import importlib.resources
 import json
 import logging
@@ -182,6 +183,7 @@ class Injector:
         self.attempts: dict[str, _Attempt] = {}
         self.items_of: dict[str, Item] = {}          # base rid -> item
         self.stats = InjectStats()
+        self.recent: collections.deque = collections.deque(maxlen=64)   # last prefill resolutions (diagnosis)
 
     def register(self, items: list[Item]) -> None:
         """The workload being replayed (replaces the previous one)."""
@@ -217,6 +219,7 @@ class Injector:
 
     def prefill(self, rid: str, prompt_tokens: int, max_new_tokens: int) -> keys.PredictionRecord | None:
         item = self._item(rid, prompt_tokens, max_new_tokens)
+        self.recent.append((rid, prompt_tokens, max_new_tokens, item.index if item else None))
         if item is not None:
             done = max(prompt_tokens - item.prompt_tokens, 0)   # answer tokens already in the prompt
             true_left = max(item.output_tokens - done, 1)
@@ -340,7 +343,8 @@ class InjectingSidecar:
         self.call(apply)
 
     def stats(self) -> dict:
-        return self.call(lambda: dict(vars(self.injector.stats), redis_errors=self.store.errors))
+        return self.call(lambda: dict(vars(self.injector.stats), redis_errors=self.store.errors,
+                                      recent_prefill=list(self.injector.recent)))
 
     def stop(self) -> None:
         async def shutdown():
