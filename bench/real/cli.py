@@ -15,10 +15,10 @@ every run, so a command cut short still leaves the finished ones):
   online  at saturation: round-robin, least-load, SGLang priority (round robin + SGLang
           `--enable-priority-scheduling`, priority = shortest prompt first in log2 size classes: the
           only length signal a client has without lenpred), the first `--policy` (lenpred,
-          injected predictions; default predicted-slo.yaml)
+          injected predictions; default predicted.yaml)
   batch   LPT (batch-rl-lpt: probe, longest predicted first), injected and oracle
   online  round-robin and the first `--policy` at `--over` x saturation
-  online  the other `--policy` files (default predicted.yaml); the first with oracle lengths
+  online  the other `--policy` files (default predicted-slo.yaml); the first with oracle lengths
 Goodput's SLO: TTFT <= `--slo-ttft-s` and TPOT <= `--slo-tpot-ms`, default 1.5 x the round-robin
 run's median TPOT (set by the baseline, the same for every policy); a grid of other SLOs is in the
 JSON.
@@ -72,7 +72,7 @@ class Run:
 def plan(a) -> list[Run]:
     """The runs, most important first (what a short budget keeps)."""
     P = lambda n: str(POLICY_DIR / n)  # noqa: E731
-    lenpred = a.policy or [P("predicted-slo.yaml"), P("predicted.yaml")]
+    lenpred = a.policy or [P("predicted.yaml"), P("predicted-slo.yaml")]
     name = lambda f: pathlib.Path(f).stem  # noqa: E731
     main = lenpred[0]
     runs = [Run("batch", "vanilla", P("batch-rl-fcfs.yaml"), "none"),
