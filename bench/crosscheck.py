@@ -439,7 +439,7 @@ def real_main(argv: list[str]) -> int:
                 emu.stop()
             keys_ = ("tpot_p50_ms", "tpot_p99_ms", "ttft_p50_s", "ttft_p99_s", "goodput_rps", "makespan_s",
                      "throughput_rps")
-            out_rows.append({"label": row["label"], "mode": row["mode"],
+            out_rows.append({"label": row["label"], "mode": row["mode"], "rate_rps": row.get("rate_rps"),
                              **{f"real_{m}": row.get(m) for m in keys_ if row.get(m) is not None},
                              **{f"emulated_{m}": emu_row.get(m) for m in keys_ if emu_row.get(m) is not None}})
             print(f"[crosscheck]   {json.dumps(out_rows[-1], default=str)}", flush=True)
@@ -464,14 +464,14 @@ def render_real(result: dict, real: dict) -> str:
                                     "real_goodput_rps", "emulated_goodput_rps", "real_makespan_s",
                                     "emulated_makespan_s") if any(k in r for r in result["rows"])]
     lines += [report.markdown_table(result["rows"], cols), ""]
-    base = next((r for r in result["rows"] if r["label"] == "round-robin"), None)
-    if base:
-        for r in result["rows"]:
-            if r is base or r["mode"] != "online":
-                continue
-            eff = {e: (r.get(f"{e}_tpot_p99_ms") or 0) / (base.get(f"{e}_tpot_p99_ms") or float("nan"))
-                   for e in ("real", "emulated")}
-            lines.append(f"- {r['label']} vs round-robin, P99 TPOT: real x{eff['real']:.2f}, emulated x{eff['emulated']:.2f}")
+    rr = {r.get("rate_rps"): r for r in result["rows"] if r["label"].startswith("round-robin")}
+    for r in result["rows"]:
+        base = rr.get(r.get("rate_rps"))
+        if r["mode"] != "online" or base is None or base is r:
+            continue
+        eff = {f"{e} {m}": (r.get(f"{e}_{m}") or 0) / (base.get(f"{e}_{m}") or float("nan"))
+               for m in ("tpot_p99_ms", "goodput_rps") for e in ("real", "emulated")}
+        lines.append(f"- {r['label']} vs {base['label']}: " + ", ".join(f"{k} x{v:.2f}" for k, v in eff.items()))
     return "\n".join(lines) + "\n"
 
 
