@@ -13,6 +13,7 @@ BENCHES = {
     "engine": ("lenpred.bench.engine", "the tap's cost inside real SGLang: vanilla vs tap variants, interleaved"),
     "entropy": ("lenpred.bench.entropy_cost", "prompt-token entropy: cost and cheaper approximations"),
     "schedule": ("lenpred.bench.schedule", "router policies replayed on real length traces"),
+    "schedule-real": ("lenpred.bench.real.cli", "router policies on real SGLang replicas (injected predictions)"),
     "router": ("lenpred.bench.router_overhead", "router overhead in front of fast stub backends"),
     "queue": ("lenpred.bench.queue", "router queue cost with 10k requests waiting (heap vs re-sorted list)"),
     "soak": ("lenpred.bench.soak", "N minutes through router + sidecar + Redis: RSS and Redis keys over time"),

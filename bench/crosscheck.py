@@ -12,6 +12,15 @@ side: the absolute calibration error, and whether the emulator gets the policies
 Greedy decoding (temperature 0) keeps each prompt's answer the same under every policy.
 
     lenpred bench crosscheck --replicas 2 --n 24 --rate 0.4 --json out.json --md out.md
+
+With `--real RESULT.json` (what `lenpred bench schedule-real` wrote, with its `_raw.json` beside it)
+it calibrates the emulator from those real engines instead and replays the same runs on it: the
+step-cost model `a + b x decode rows + p x prefill tokens + c x KV tokens` is fitted to SGLang's own
+decode step-time moments and prefill busy time (`/v1/loads`, sampled during the real runs), then
+every real run is repeated against emulated replicas with the fitted costs, the same KV budget, the
+same arrival times, lengths and injected predictions, the same policies and SLO.
+
+    lenpred bench crosscheck --real docs/results/schedule_gpu.json --json c.json --md c.md
 """
 from __future__ import annotations
 
@@ -19,9 +28,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import pathlib
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -29,9 +40,14 @@ import threading
 import time
 
 import httpx
+import numpy as np
 
 from lenpred.bench import report
+from lenpred.bench.real import replay as rp
+from lenpred.bench.real import summary as sm
+from lenpred.bench.real.workload import prompt_ids, prompt_priority
 from lenpred.harness.emulator import COST_MODELS
+from lenpred.harness.inject import Item
 from lenpred.contract.keys import events_channel
 from lenpred.harness.procs import lenpred_argv, spawn, wait_grpc, wait_http
 from lenpred.harness.redisproc import RedisServer, free_port
@@ -145,6 +161,9 @@ def run_router(policy: str, backends: list[str], redis_url: str, ns: str, log_di
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--real" in argv:
+        return real_main(argv)
     p = argparse.ArgumentParser(prog="lenpred bench crosscheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--n", type=int, default=24)
@@ -299,6 +318,161 @@ def render(result: dict) -> str:
                          + ", ".join(f"{m} x{v:.2f}" for m, v in ratios.items()))
     lines.append("")
     return "\n".join(lines)
+
+
+# -- calibration from real engines (--real) ------------------------------------------------------
+def fit_cost(raw: dict) -> dict:
+    """Step cost from SGLang's cumulative load counters, sampled per replica during the real runs.
+
+    Decode: between two samples of a replica, the change of `decode_moments` = [steps, sum of batch
+    sizes, sum of step times (us), ...] gives that window's mean batch size and mean step time;
+    with the window's mean KV tokens in use, a least-squares fit (windows weighted by their steps)
+    of step = a + b x batch + c x KV (c dropped when the fit makes it negative). Prefill: the
+    change of `total_prefill_busy_us` over `total_prefill_uncached_tokens` is the time per prefill
+    token (its per-step overhead included)."""
+    rows, busy, toks = [], 0.0, 0
+    for run in raw["runs"].values():
+        by: dict[int, list] = {}
+        for smp in run.get("loads") or []:
+            by.setdefault(smp["replica"], []).append(smp)
+        for samples in by.values():
+            samples.sort(key=lambda x: x["t"])
+            for s0, s1 in zip(samples, samples[1:]):
+                m0, m1 = s0.get("decode_moments") or [0.0] * 6, s1.get("decode_moments") or [0.0] * 6
+                n = m1[0] - m0[0]
+                if n >= 3:
+                    rows.append((n, (m1[1] - m0[1]) / n, (m1[2] - m0[2]) / n / 1e6,
+                                 ((s0.get("num_used_tokens") or 0) + (s1.get("num_used_tokens") or 0)) / 2))
+                dt = (s1.get("total_prefill_uncached_tokens") or 0) - (s0.get("total_prefill_uncached_tokens") or 0)
+                db = (s1.get("total_prefill_busy_us") or 0) - (s0.get("total_prefill_busy_us") or 0)
+                if dt > 0 and db >= 0:
+                    busy, toks = busy + db / 1e6, toks + dt
+    if len(rows) < 3:
+        raise ValueError(f"only {len(rows)} decode windows in the load samples: nothing to fit")
+    w, b, t, kv = (np.array(x, dtype=float) for x in zip(*rows))
+    sw = np.sqrt(w)
+    coef = None
+    for cols in ([np.ones_like(b), b, kv], [np.ones_like(b), b]):
+        X = np.stack(cols, 1)
+        coef, *_ = np.linalg.lstsq(X * sw[:, None], t * sw, rcond=None)
+        if len(coef) == 2 or coef[2] >= 0:
+            break
+    pred = np.stack([np.ones_like(b), b, kv][: len(coef)], 1) @ coef
+    total = float(np.sum(w * (t - np.average(t, weights=w)) ** 2))
+    r2 = 1 - float(np.sum(w * (t - pred) ** 2)) / total if total > 0 else 1.0
+    return {"step_base_s": float(coef[0]), "step_per_token_s": float(coef[1]),
+            "step_per_kv_token_s": float(coef[2]) if len(coef) == 3 else 0.0,
+            "step_per_prefill_token_s": busy / toks if toks else 0.0,
+            "decode_windows": len(rows), "decode_steps": int(w.sum()), "weighted_r2": r2,
+            "batch_range": [float(b.min()), float(b.max())], "kv_range": [float(kv.min()), float(kv.max())],
+            "step_ms_range": [1000 * float(t.min()), 1000 * float(t.max())], "prefill_tokens": toks}
+
+
+def real_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lenpred bench crosscheck --real")
+    p.add_argument("--real", required=True, help="schedule-real result JSON (its _raw.json beside it)")
+    p.add_argument("--only", default="", help="comma-separated run labels")
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--log-dir", default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--md", default=None)
+    a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # unwind: emulators and routers are stopped
+    real = json.loads(pathlib.Path(a.real).read_text())
+    raw = json.loads(pathlib.Path(a.real[: -len(".json")] + "_raw.json").read_text())
+    fit = fit_cost(raw)
+    eng_spec, err = real["engine"], real["error_model"]
+    items = {i: Item(str(i), i, pt, ot, cap) for i, pt, ot, cap in raw["items"]}
+    batch_items = {i: Item(str(i), i, pt, ot, cap) for i, pt, ot, cap in raw.get("batch_items", raw["items"])}
+    preds = raw["predicted_p50"]
+    sigma = math.log(err.get("p90_factor", 1.0)) / 1.2816 if err.get("p90_factor") else 0.0
+    log_dir = pathlib.Path(a.log_dir or tempfile.mkdtemp(prefix="lenpred-crosscheck-real-"))
+    slo = real.get("slo") or None
+    out_rows = []
+    with contextlib.ExitStack() as stack:
+        redis = RedisServer.start()
+        stack.callback(redis.stop)
+        for k, row in enumerate(real["rows"]):
+            if a.only and row["label"] not in a.only.split(","):
+                continue
+            policy = str(POLICY_DIR / pathlib.Path(row["policy"]).name)
+            ports = [free_port() for _ in range(real["replicas"])]
+            emu = spawn(f"emulator-{k}", [sys.executable, "-m", "lenpred.harness.emulator", "--ports",
+                                          ",".join(map(str, ports)), "--time-scale", str(a.time_scale),
+                                          "--step-base-s", str(fit["step_base_s"]),
+                                          "--step-per-token-s", str(fit["step_per_token_s"]),
+                                          "--step-per-kv-token-s", str(fit["step_per_kv_token_s"]),
+                                          "--step-per-prefill-token-s", str(fit["step_per_prefill_token_s"]),
+                                          "--max-total-num-tokens", str(eng_spec["max_total_tokens"]),
+                                          "--max-running-requests", str(eng_spec["max_running_requests"]),
+                                          "--enable-priority", "--redis-url", redis.url, "--namespace", f"twin{k}",
+                                          "--plp-every", str(eng_spec["tap_every"]), "--prediction-sigma", str(sigma),
+                                          "--model", "default"], log_dir)
+            oracle = row["predictions"] == "oracle"
+
+            def make(it: Item, label=row["label"], prio=row.get("client_priority")) -> dict:
+                return {"input_ids": prompt_ids(it, label), "sampling_params": {"max_new_tokens": it.cap},
+                        "custom_params": {"emulated_output_len": it.output_tokens, "emulated_id": it.id,
+                                          "emulated_prediction": float(it.output_tokens) if oracle else preds[it.index]},
+                        **({"priority": prompt_priority(it)} if prio else {})}
+
+            try:
+                urls = [f"http://127.0.0.1:{x}" for x in ports]
+                for u in urls:
+                    wait_http(emu, u + "/health", 30)
+                router, url = run_router(policy, urls, redis.url, f"twin{k}", log_dir, f"router-twin-{k}")
+                real_results = [rp.Result(**dict(zip(raw["row_fields"], x))) for x in raw["runs"][row["label"]]["results"]]
+                print(f"[crosscheck] emulated twin of {row['label']} ...", flush=True)
+                try:
+                    if row["mode"] == "online":
+                        arrivals = [(r.sent, items[r.index]) for r in real_results]
+                        res, _, _ = asyncio.run(rp.online(url, [], arrivals, make, warmup_s=row.get("warmup_s", 0.0),
+                                                          drain_s=real.get("drain_s", 60.0)))
+                        emu_row = sm.online(res, row["window_s"], slo)
+                    else:
+                        res, _, _, _ = asyncio.run(rp.batch(url, [], [batch_items[r.index] for r in real_results], make,
+                                                            timeout_s=None))
+                        emu_row = sm.batch(res)
+                finally:
+                    router.stop()
+            finally:
+                emu.stop()
+            keys_ = ("tpot_p50_ms", "tpot_p99_ms", "ttft_p50_s", "ttft_p99_s", "goodput_rps", "makespan_s",
+                     "throughput_rps")
+            out_rows.append({"label": row["label"], "mode": row["mode"], "rate_rps": row.get("rate_rps"),
+                             **{f"real_{m}": row.get(m) for m in keys_ if row.get(m) is not None},
+                             **{f"emulated_{m}": emu_row.get(m) for m in keys_ if emu_row.get(m) is not None}})
+            print(f"[crosscheck]   {json.dumps(out_rows[-1], default=str)}", flush=True)
+    result = {"bench": "crosscheck-real", "real": os.path.relpath(a.real), "fit": fit, "rows": out_rows,
+              "slo": slo, "environment": report.environment(),
+              "command": "lenpred bench crosscheck " + " ".join(argv)}
+    report.write(result, a.json, a.md, render_real(result, real))
+    return 0
+
+
+def render_real(result: dict, real: dict) -> str:
+    f = result["fit"]
+    lines = ["### Emulator calibrated from real SGLang engines, and replayed against them", "",
+             f"Command: `{result['command']}` (real runs: `{real['command']}`)", "",
+             f"Fitted step cost ({f['decode_windows']} decode windows, {f['decode_steps']} steps, weighted R² "
+             f"{f['weighted_r2']:.2f}; batch {f['batch_range'][0]:.0f}–{f['batch_range'][1]:.0f}, KV "
+             f"{f['kv_range'][0]:.0f}–{f['kv_range'][1]:.0f} tokens, steps {f['step_ms_range'][0]:.1f}–"
+             f"{f['step_ms_range'][1]:.1f} ms): a = {1000 * f['step_base_s']:.2f} ms, b = "
+             f"{1e6 * f['step_per_token_s']:.1f} µs per decode row, c = {1e9 * f['step_per_kv_token_s']:.1f} ns per KV "
+             f"token, prefill {1e6 * f['step_per_prefill_token_s']:.1f} µs per token ({f['prefill_tokens']} tokens).", ""]
+    cols = ["label"] + [k for k in ("real_tpot_p99_ms", "emulated_tpot_p99_ms", "real_ttft_p50_s", "emulated_ttft_p50_s",
+                                    "real_goodput_rps", "emulated_goodput_rps", "real_makespan_s",
+                                    "emulated_makespan_s") if any(k in r for r in result["rows"])]
+    lines += [report.markdown_table(result["rows"], cols), ""]
+    rr = {r.get("rate_rps"): r for r in result["rows"] if r["label"].startswith("round-robin")}
+    for r in result["rows"]:
+        base = rr.get(r.get("rate_rps"))
+        if r["mode"] != "online" or base is None or base is r:
+            continue
+        eff = {f"{e} {m}": (r.get(f"{e}_{m}") or 0) / (base.get(f"{e}_{m}") or float("nan"))
+               for m in ("tpot_p99_ms", "goodput_rps") for e in ("real", "emulated")}
+        lines.append(f"- {r['label']} vs {base['label']}: " + ", ".join(f"{k} x{v:.2f}" for k, v in eff.items()))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 
 from lenpred.bench import report
+from lenpred.bench.real.replay import batch_messages
 from lenpred.harness.emulator import COST_MODELS
 from lenpred.harness.redisproc import RedisServer, free_port
 
@@ -220,21 +221,16 @@ async def replay_batch(router_url: str, items, preds, args, oracle: bool) -> tup
         t0 = time.monotonic()
         for s in samples:
             s.sent = t0
-        async with c.stream("POST", "/v1/lenpred/batch", json={"api": "generate", "requests": bodies}) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line:
-                    continue
-                msg = json.loads(line)
-                if "summary" in msg:
-                    summary = msg["summary"]
-                    continue
-                s = samples[msg["index"]]
-                s.done = time.monotonic()
-                if msg["status"] == 200:
-                    fill(s, msg["response"], args.time_scale)
-                else:
-                    s.extra["status"] = msg["status"]
+        async for msg in batch_messages(c, bodies):
+            if "summary" in msg:
+                summary = msg["summary"]
+                continue
+            s = samples[msg["index"]]
+            s.done = time.monotonic()
+            if msg["status"] == 200:
+                fill(s, msg["response"], args.time_scale)
+            else:
+                s.extra["status"] = msg["status"]
     return samples, summary
 
 

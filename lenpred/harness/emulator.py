@@ -124,6 +124,9 @@ class EmulatorConfig:
     """Model SGLang's radix cache (continuous batching only): cached prompt pages skip prefill."""
     prefix_page_tokens: int = 16
     """Prefix-cache page size in tokens (matches are whole pages)."""
+    step_per_prefill_token_s: float = 0.0
+    """Cost per prefill token in a continuous-batching step; 0 = step_per_token_s. Calibrations
+    from real engines fit it apart: a decode row and a prefill token cost very different amounts."""
 
     def __post_init__(self) -> None:
         if self.prefix_page_tokens < 1:
@@ -317,8 +320,11 @@ class Engine:
             tokens = sum(r.kv for r in admitted) + (width if not admitted else 0)
             kv = width * longest
         else:
-            tokens = sum(r.kv for r in admitted) + len(self.running)
+            prefill = sum(r.kv for r in admitted)
             kv = sum(r.kv + r.hit for r in self.running) + sum(r.kv + r.hit for r in admitted)
+            per_prefill = cfg.step_per_prefill_token_s or cfg.step_per_token_s
+            return (cfg.step_base_s + per_prefill * prefill + cfg.step_per_token_s * len(self.running)
+                    + cfg.step_per_kv_token_s * kv)
         return cfg.step_base_s + cfg.step_per_token_s * tokens + cfg.step_per_kv_token_s * kv
 
     async def run(self) -> None:
