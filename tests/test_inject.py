@@ -13,6 +13,7 @@ import redis
 import torch
 
 from lenpred.contract import keys, wire
+from lenpred.contract.prediction import Prediction
 from lenpred.harness.inject import (ErrorModel, Injector, InjectingSidecar, Item, base_rid,
                                     plp_ratio)
 from lenpred.harness.lengthctl import PROCESSOR, ForceLength, answer_tokens_left, controlled
@@ -171,7 +172,7 @@ def test_injecting_sidecar_writes_the_sidecar_records(redis_url):
         with grpc.insecure_channel(srv.target) as ch:
             acks = list(pb_grpc.LengthPredictorStub(ch).Ingest(iter(batches), timeout=10))
         assert [(a.seq, a.accepted, a.code) for a in acks] == [(1, 1, 0), (2, 1, 0), (3, 1, 0)]
-        rec = keys.PredictionRecord.from_hash(r.hgetall(keys.pred_key(ns, "lp-a")))
+        rec = Prediction.from_hash(r.hgetall(keys.pred_key(ns, "lp-a")))
         assert (rec.source, rec.step, rec.p50, rec.remaining_p50, rec.true_len) == ("plp", 16, 100.0, 84.0, 100)
         assert rec.head_version == "injected" and r.ttl(keys.pred_key(ns, "lp-a")) > 0
         events, deadline = [], time.monotonic() + 5

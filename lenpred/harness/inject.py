@@ -57,6 +57,7 @@ from pathlib import Path
 import grpc
 
 from lenpred.contract import keys
+from lenpred.contract.prediction import Prediction
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.sidecar.store import PredictionStore
 
@@ -217,7 +218,7 @@ class Injector:
         self.items_of[base] = item
         return item
 
-    def prefill(self, rid: str, prompt_tokens: int, max_new_tokens: int) -> keys.PredictionRecord | None:
+    def prefill(self, rid: str, prompt_tokens: int, max_new_tokens: int) -> Prediction | None:
         item = self._item(rid, prompt_tokens, max_new_tokens)
         self.recent.append((rid, prompt_tokens, max_new_tokens, item.index if item else None))
         if item is not None:
@@ -234,7 +235,7 @@ class Injector:
         self.stats.prefill += 1
         return self._record(rid, att.p50, 0, prompt_tokens, "last")
 
-    def decode(self, rid: str, step: int) -> keys.PredictionRecord | None:
+    def decode(self, rid: str, step: int) -> Prediction | None:
         att = self.attempts.get(rid)
         if att is None:
             self.stats.unknown_decode += 1
@@ -255,14 +256,14 @@ class Injector:
                 "p50": round(att.p50, 2) if att else -1,
                 "p90": round(att.p50 * self.model.p90_factor, 2) if att else -1}
 
-    def _record(self, rid: str, remaining: float, step: int, prompt_tokens: int, source: str) -> keys.PredictionRecord:
+    def _record(self, rid: str, remaining: float, step: int, prompt_tokens: int, source: str) -> Prediction:
         m = self.model
-        return keys.PredictionRecord(
+        return Prediction(
             rid=rid, p50=step + remaining, p90=step + remaining * m.p90_factor, mean=step + remaining * m.mean_factor,
             remaining_p50=remaining, remaining_p90=remaining * m.p90_factor, step=step, source=source,
             head_version=HEAD_VERSION, ts=time.time(), prompt_tokens=prompt_tokens)
 
-    def batch(self, b: pb.IngestBatch) -> tuple[list[keys.PredictionRecord], list[dict]]:
+    def batch(self, b: pb.IngestBatch) -> tuple[list[Prediction], list[dict]]:
         self.stats.batches += 1
         caps = list(b.prefill.max_new_tokens)
         recs = []
