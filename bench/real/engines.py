@@ -25,9 +25,11 @@ and `--enable-custom-logit-processor` (the length control, `lenpred.harness.leng
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -113,9 +115,21 @@ def wait(engines: list[EngineProcess], timeout: float) -> float:
     return time.monotonic() - t0
 
 
-def stop(engines: list[EngineProcess]) -> None:
+def stop(engines: list[EngineProcess], grace: float = 10.0) -> None:
+    """SIGTERM every replica's process group at once, SIGKILL what is left after `grace` seconds
+    (replicas run in their own sessions: one left behind would hold its GPU memory)."""
     for e in engines:
-        e.stop(timeout=10)
+        if e.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(e.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for e in engines:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            e.proc.wait(max(deadline - time.monotonic(), 0.1))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(e.proc.pid, signal.SIGKILL)   # the group's other processes too
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            e.proc.wait(5)
 
 
 def post(url: str, body: dict | None = None, timeout: float = 30.0) -> dict:
