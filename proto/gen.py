@@ -11,23 +11,23 @@ import sys
 import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
-SRC = HERE / "v1" / "lenpred.proto"
+VERSIONS = ("v1", "v2")
 GENERATED = ("lenpred_pb2.py", "lenpred_pb2.pyi", "lenpred_pb2_grpc.py")
 
 
-def generate(out_dir: pathlib.Path) -> None:
+def generate(out_dir: pathlib.Path, version: str = "v1") -> None:
     from grpc_tools import protoc  # dev dependency: grpcio-tools
 
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
-        dst = root / "lenpred" / "proto" / "v1"
+        dst = root / "lenpred" / "proto" / version
         dst.mkdir(parents=True)
-        shutil.copy(SRC, dst / "lenpred.proto")
+        shutil.copy(HERE / version / "lenpred.proto", dst / "lenpred.proto")
         include = pathlib.Path(protoc.__file__).parent / "_proto"
         rc = protoc.main([
             "protoc", f"-I{root}", f"-I{include}",
             f"--python_out={root}", f"--pyi_out={root}", f"--grpc_python_out={root}",
-            "lenpred/proto/v1/lenpred.proto",
+            f"lenpred/proto/{version}/lenpred.proto",
         ])
         if rc != 0:
             raise RuntimeError(f"protoc failed with {rc}")
@@ -37,4 +37,10 @@ def generate(out_dir: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-    generate(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "v1")
+    # `python proto/gen.py` regenerates every version in place; `python proto/gen.py OUT [VERSION]`
+    # writes one version elsewhere (the staleness test compares against the committed files).
+    if len(sys.argv) > 1:
+        generate(pathlib.Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "v1")
+    else:
+        for v in VERSIONS:
+            generate(HERE / v, v)

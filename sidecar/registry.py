@@ -33,12 +33,16 @@ class HeadPair:
 @dataclass
 class HeadRegistry:
     device: torch.device
+    dtype: torch.dtype = torch.float32
+    """Weights' dtype of every head (bf16 on GPU: its fastest; bin edges and the softmax stay fp32)."""
     pairs: dict[tuple[str, int, int, str], HeadPair] = field(default_factory=dict)
 
     def add(self, head: LengthHead) -> None:
         m = head.meta
         pair = self.pairs.setdefault(m.key(), HeadPair())
-        setattr(pair, m.kind, head.to(self.device).eval())
+        head = head.to(self.device).eval()
+        head.net.to(self.dtype)  # only the layers: edges/centers stay fp32 (bf16 would move bin edges)
+        setattr(pair, m.kind, head)
 
     def load_dir(self, root: str | pathlib.Path) -> int:
         n = 0

@@ -22,13 +22,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from lenpred.contract import keys, wire
 from lenpred.contract.prediction import Prediction
 from lenpred.proto.v1 import lenpred_pb2 as pb
+from lenpred.proto.v2 import lenpred_pb2 as pb2
 from lenpred.sidecar.batcher import MicroBatcher
+from lenpred.sidecar.columnar import ColumnarIngest, StreamState
+from lenpred.sidecar.errors import BadInput
 from lenpred.sidecar.learn import LearnConfig, Learning
 from lenpred.sidecar.registry import SHIPPED_HEADS, HeadLookupError, HeadPair, HeadRegistry
 from lenpred.sidecar.store import PredictionStore
 
 log = logging.getLogger("lenpred.sidecar")
 SERVICE = "lenpred.v1.LengthPredictor"
+SERVICE_V2 = "lenpred.v2.LengthPredictor"  # columnar Ingest, served side by side (docs/WIRE.md)
+STORE_HEALTH = "lenpred.store"             # NOT_SERVING when the Redis write-behind flusher died
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -68,10 +73,24 @@ class SidecarConfig:
     """Prompt vectors kept per rid for PLP ([h_prompt ; h_t]) until the request finishes."""
     learn: dict | None = None
     """Online learning (lenpred.sidecar.learn.LearnConfig fields, at least "dir"); None = off."""
-
-
-class BadInput(ValueError):
-    pass
+    head_dtype: str = "auto"
+    """Head weights' dtype: auto (bf16 on CUDA, its fastest; fp32 on CPU), float32, bfloat16."""
+    max_rid_bytes: int = 256
+    """Longer request ids are refused (issue #11)."""
+    max_inflight_bytes: int = 256 << 20
+    """Bytes of received messages being processed at once (all streams); the reader waits beyond it."""
+    max_output_tokens: int = 1 << 20
+    """Ceiling on a finished request's recorded length (also clamped to its max_new_tokens)."""
+    slab_slots: int = 65536
+    """v2: prompt vectors kept on the device for PLP (one row per live request; oldest evicted)."""
+    max_stream_handles: int = 262144
+    """v2: live handle -> rid bindings per stream."""
+    plp_min_change: float = 0.05
+    """Skip storing a PLP update that moves the predicted total by less than this fraction."""
+    store_max_pending: int = 200_000
+    """Write-behind: requests with a prediction waiting for Redis (newest per request wins)."""
+    reuse_port: bool = False
+    """SO_REUSEPORT on the gRPC port (set by `--processes N`: N servers share one port)."""
 
 
 class _Unparsed:
@@ -102,6 +121,10 @@ class Metrics:
         self.forward_s = Histogram("lenpred_sidecar_forward_seconds", "Head forward time", ["kind"],
                                    buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3), registry=r)
         self.redis_errors = Counter("lenpred_sidecar_redis_errors", "Failed Redis pipelines", registry=r)
+        self.flusher_alive = Gauge("lenpred_sidecar_store_flusher_alive", "1 while the Redis write-behind runs",
+                                   registry=r)
+        self.store_pending = Gauge("lenpred_sidecar_store_pending", "Records waiting for Redis", registry=r)
+        self.store_dropped = Gauge("lenpred_sidecar_store_dropped", "Records dropped: write-behind full", registry=r)
         self.streams = Gauge("lenpred_sidecar_streams", "Open Ingest streams", registry=r)
         self.predict = Counter("lenpred_sidecar_predict_requests", "Predict calls", ["code"], registry=r)
         self.abs_err = Histogram("lenpred_sidecar_prefill_abs_error_tokens",
@@ -128,6 +151,13 @@ class LengthPredictorService:
         self.m = metrics
         self.batcher = MicroBatcher(cfg.max_batch, cfg.max_wait_us, on_batch=self._on_batch)
         self.prompts: collections.OrderedDict[str, _Prompt] = collections.OrderedDict()
+        self.skipped_writes = 0  # PLP updates not stored: they moved the prediction < plp_min_change
+        self.budget = ByteBudget(cfg.max_inflight_bytes)
+        self.columnar = ColumnarIngest(self)
+        store.on_error = metrics.redis_errors.inc
+        metrics.store_pending.set_function(lambda: store.pending)
+        metrics.store_dropped.set_function(lambda: store.dropped)
+        metrics.flusher_alive.set_function(lambda: int(store.alive))
 
     def _on_batch(self, head, rows: int, seconds: float) -> None:
         self.m.batch_rows.labels(head.meta.kind).observe(rows)
@@ -214,6 +244,7 @@ class LengthPredictorService:
         try:
             if total > self.cfg.max_rows_per_message:
                 raise BadInput(f"{total} rows exceed the limit of {self.cfg.max_rows_per_message} per message")
+            self._check_rids(b)
             records: list[Prediction] = []
             notes: list[str] = []
             rejected = 0
@@ -284,10 +315,9 @@ class LengthPredictorService:
             finished = [self._finish(f) for f in b.finished]
             if learn:
                 for f in b.finished:
-                    learn.on_finish(key, f.rid, f.output_tokens, f.truncated, f.aborted, f.max_new_tokens)
+                    learn.on_finish(key, f.rid, self._finish_len(f), f.truncated, f.aborted, f.max_new_tokens)
             if not await self.store.write(records, finished) and self.store.r is not None:
-                self.m.redis_errors.inc()
-                notes.append("redis unavailable: predictions computed but not stored")
+                notes.append("redis unavailable: predictions computed, queued (newest per request), not stored yet")
             ack.accepted = total - rejected
             ack.rejected = rejected
             if rejected:
@@ -303,19 +333,44 @@ class LengthPredictorService:
             self.m.rows.labels("any", "rejected").inc(max(total, 1))
         return ack
 
+    def _check_rids(self, b) -> None:
+        lim = self.cfg.max_rid_bytes
+        for rids in (b.prefill.rids, b.decode.rids, [f.rid for f in b.finished]):
+            if rids and max(map(len, rids)) > lim:
+                raise BadInput(f"a request id is longer than {lim} characters")
+
     def _finish(self, f: pb.Finished) -> dict:
         pr = self.prompts.pop(f.rid, None)
+        n = self._finish_len(f)
         if pr is not None and pr.p50 == pr.p50 and not f.truncated and not f.aborted:
-            self.m.abs_err.observe(abs(pr.p50 - f.output_tokens))
-        return {"rid": f.rid, "output_tokens": f.output_tokens, "prompt_tokens": f.prompt_tokens,
+            self.m.abs_err.observe(abs(pr.p50 - n))
+        return {"rid": f.rid, "output_tokens": n, "prompt_tokens": f.prompt_tokens,
                 "truncated": int(f.truncated), "aborted": int(f.aborted),
                 "p50": round(pr.p50, 2) if pr and pr.p50 == pr.p50 else -1,
                 "p90": round(pr.p90, 2) if pr and pr.p90 == pr.p90 else -1}
 
+    def _finish_len(self, f: pb.Finished) -> int:
+        """A true length never exceeds the request's own cap, nor the ceiling (issue #11)."""
+        ceiling = self.cfg.max_output_tokens
+        return min(f.output_tokens, f.max_new_tokens if 0 < f.max_new_tokens < ceiling else ceiling)
+
     async def Ingest(self, request_iterator, context):
+        """lenpred.v1 stream."""
+        async for ack in self._stream(request_iterator, self._ingest_one):
+            yield ack
+
+    async def IngestV2(self, request_iterator, context):
+        """lenpred.v2 (columnar) stream: handle bindings live as long as the stream."""
+        st = StreamState()
+        async for ack in self._stream(request_iterator, lambda b: self.columnar.ingest(st, b)):
+            yield ack
+
+    async def _stream(self, request_iterator, process):
         """Batches are processed concurrently (so rows of many steps share micro-batches); each
         gets its ack as soon as it is done. Prompt vectors are stored before any await, so a
-        decode row never overtakes its own prefill."""
+        decode row never overtakes its own prefill. The bytes being processed are bounded across
+        all streams (ByteBudget): past the bound the reader stops reading and gRPC flow control
+        pushes back on the sender."""
         self.m.streams.inc()
         out: asyncio.Queue = asyncio.Queue()
 
@@ -323,9 +378,16 @@ class LengthPredictorService:
             tasks = set()
             try:
                 async for b in request_iterator:
-                    t = asyncio.create_task(self._ingest_one(b))
+                    n = b.ByteSize() if not isinstance(b, _Unparsed) else 0
+                    await self.budget.acquire(n)
+                    t = asyncio.create_task(process(b))
                     tasks.add(t)
-                    t.add_done_callback(lambda t: (tasks.discard(t), out.put_nowait(t.result())))
+
+                    def done(t, n=n):
+                        tasks.discard(t)
+                        self.budget.release(n)
+                        out.put_nowait(t.result())
+                    t.add_done_callback(done)
                 if tasks:
                     await asyncio.wait(tasks)
             finally:
@@ -400,8 +462,43 @@ class LengthPredictorService:
                                     max_rows_per_message=self.cfg.max_rows_per_message)
 
 
+class ByteBudget:
+    """Bytes of messages in processing, bounded; a message larger than the whole budget waits
+    until nothing else is in flight (it was already accepted by the size limit)."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        if self.used + n <= self.limit or self.used == 0:
+            self.used += n
+            return
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + n <= self.limit or self.used == 0)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        if self._cond._waiters:  # only wake readers that are waiting (the common case has none)
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+
 def _mae(head) -> float:
     return float(head.meta.metrics.get("mae", float("inf")))
+
+
+def head_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"head_dtype must be auto, float32 or bfloat16, got {name!r}")
+    return getattr(torch, name)
 
 
 def pick_device(name: str) -> torch.device:
@@ -435,7 +532,8 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
     if cfg.prefill_head not in ("auto", "egtp", "last"):
         raise ValueError(f"prefill_head must be auto, egtp or last, got {cfg.prefill_head!r}")
     torch.set_num_threads(max(1, cfg.threads))
-    registry = HeadRegistry(pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    registry = HeadRegistry(device, head_dtype(cfg.head_dtype, device))
     for root in cfg.heads:
         registry.load_dir(root)
     metrics = Metrics()
@@ -443,12 +541,12 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
                         metrics.registry) if cfg.learn else None
     if not registry.pairs and learning is None:
         log.warning("no heads loaded from %s: every request will be refused as 'unknown model'", cfg.heads)
-    store = PredictionStore(cfg.redis_url, cfg.namespace, cfg.ttl_s)
+    store = PredictionStore(cfg.redis_url, cfg.namespace, cfg.ttl_s, max_pending=cfg.store_max_pending)
     svc = LengthPredictorService(cfg, registry, store, metrics, learning)
     hard = cfg.max_message_bytes * 4
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", hard),
                                       ("grpc.max_send_message_length", hard),
-                                      ("grpc.so_reuseport", 0)])
+                                      ("grpc.so_reuseport", int(cfg.reuse_port))])
     lim = cfg.max_message_bytes
     handlers = {
         "Ingest": grpc.stream_stream_rpc_method_handler(
@@ -462,16 +560,26 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
             response_serializer=pb.ModelInfoResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    v2_handlers = {"Ingest": grpc.stream_stream_rpc_method_handler(
+        svc.IngestV2, request_deserializer=_safe_deserializer(pb2.Batch, lim),
+        response_serializer=pb2.Ack.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_V2, v2_handlers),))
     health_svc = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_svc, server)
     reflection.enable_server_reflection(
-        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        (SERVICE, SERVICE_V2, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     if port == 0:
         raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
     await server.start()
-    for name in ("", SERVICE):
+    for name in ("", SERVICE, SERVICE_V2, STORE_HEALTH):
         await health_svc.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def store_dead(reason: str) -> None:
+        asyncio.get_running_loop().create_task(
+            health_svc.set(STORE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING))
+    store.on_dead = store_dead
+    await store.start()
     if learning is not None:
         learning.health_svc = health_svc  # reports "lenpred.learn" NOT_SERVING when a part dies
         await learning.start()

@@ -1,9 +1,18 @@
-"""Writes predictions and finished events to Redis (schema: lenpred/contract/keys.py, docs/REDIS.md).
+"""Write-behind store of predictions and finished events in Redis (schema: lenpred/contract/keys.py,
+docs/REDIS.md).
 
-Redis is soft state: when it is down the sidecar keeps predicting, counts the failed writes and
-retries on the next batch; no engine or router waits on it."""
+Redis is off the ack path: ingest only puts records into a bounded dict (the newest prediction per
+request wins) and a bounded deque of finished events; one background task flushes whatever
+accumulated with ONE pipeline per flush (HSET + EXPIRE + PUBLISH per record, so the TTL is set in
+the same round trip). When Redis is slow or frozen the dict keeps only the newest record per
+request and refuses new requests beyond its bound (counted), so memory stays flat and acks keep
+flowing. A flusher that dies says so: log, `lenpred_sidecar_store_flusher_alive` = 0, and the
+gRPC health service `lenpred.store` turns NOT_SERVING.
+"""
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import logging
 import time
@@ -18,47 +27,179 @@ log = logging.getLogger("lenpred.sidecar")
 
 class PredictionStore:
     def __init__(self, url: str | None, namespace: str = keys.DEFAULT_NAMESPACE, ttl_s: int = keys.DEFAULT_TTL_S,
-                 finished_maxlen: int = 100_000):
+                 finished_maxlen: int = 100_000, *, max_pending: int = 200_000, max_finished_pending: int = 100_000,
+                 op_timeout_s: float = 0.5, on_error=None):
         self.ns = namespace
         self.ttl_s = ttl_s
         self.finished_maxlen = finished_maxlen
+        self.max_pending = max_pending
         self.errors = 0
+        self.dropped = 0            # records refused because the pending dict was full
+        self.flushes = 0
+        self.written = 0
+        self.healthy = False        # last round trip to Redis succeeded
+        self.flusher_error: str | None = None
+        self.on_error = on_error    # callback() per failed pipeline (metrics)
+        self.on_dead = None         # callback(reason) when the flusher task dies
         self._last_log = 0.0
-        self.r = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
+        self._pending: dict[str, object] = {}
+        self._finished: collections.deque = collections.deque(maxlen=max_finished_pending)
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._timeout = op_timeout_s
+        self.r = aioredis.Redis.from_url(url, socket_timeout=op_timeout_s, socket_connect_timeout=op_timeout_s,
                                          health_check_interval=10) if url else None
 
-    async def close(self) -> None:
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self.r is None:
+            return
+        try:  # one round trip with a deadline, so the first acks already know whether Redis is there
+            await asyncio.wait_for(self.r.ping(), self._timeout)
+            self.healthy = True
+        except Exception as e:  # noqa: BLE001 — Redis is soft state
+            self._fail(e)
+        self._task = asyncio.get_running_loop().create_task(self._flusher(), name="lenpred-store-flusher")
+        self._task.add_done_callback(self._died)
+
+    def _died(self, t: asyncio.Task) -> None:
+        if t.cancelled():
+            return
+        e = t.exception()
+        self.flusher_error = f"{type(e).__name__}: {e}" if e else "flusher returned"
+        self.healthy = False
+        log.error("redis write-behind flusher died (%s): predictions are no longer stored", self.flusher_error)
+        if self.on_dead:
+            self.on_dead(self.flusher_error)
+
+    @property
+    def alive(self) -> bool:
+        return self.r is None or (self._task is not None and not self._task.done())
+
+    async def close(self, drain_s: float = 1.0) -> None:
+        if self._task is not None and not self._task.done():
+            if self._pending or self._finished:  # best effort: last records out before we go
+                try:
+                    await asyncio.wait_for(self._flush_once(), drain_s)
+                except Exception:  # noqa: BLE001
+                    pass
+            self._task.cancel()
         if self.r is not None:
             await self.r.aclose()
 
-    def _fail(self, e: Exception) -> None:
-        self.errors += 1
-        now = time.monotonic()
-        if now - self._last_log > 10:
-            log.warning("redis write failed (%s); predictions are not stored until it is back", e)
-            self._last_log = now
+    # ------------------------------------------------------------ ingest side (never awaits)
+    @property
+    def pending(self) -> int:
+        return len(self._pending) + len(self._finished)
+
+    def put(self, rid: str, rec) -> None:
+        """Queue a record (a Prediction, or a compact tuple, see _materialise); newest per rid wins."""
+        if self.r is None:
+            return
+        p = self._pending
+        if rid in p or len(p) < self.max_pending:
+            p[rid] = rec
+            self._dirty.set()
+        else:
+            self.dropped += 1
+
+    def put_many(self, rids, recs) -> None:
+        if self.r is None:
+            return
+        p = self._pending
+        if len(p) + len(rids) <= self.max_pending:
+            p.update(zip(rids, recs))
+        else:
+            for rid, rec in zip(rids, recs):
+                self.put(rid, rec)
+        self._dirty.set()
+
+    def put_finished(self, f: dict) -> None:
+        if self.r is None:
+            return
+        if len(self._finished) == self._finished.maxlen:
+            self.dropped += 1  # the deque drops its oldest entry
+        self._finished.append(f)
+        self._dirty.set()
 
     async def write(self, records: list[Prediction], finished: list[dict]) -> bool:
-        """One pipeline for everything one ingest batch produced."""
-        if self.r is None or not (records or finished):
-            return self.r is not None
+        """Queue everything one batch produced; returns whether Redis is currently reachable.
+        Never waits on Redis (kept for the v1 path's signature)."""
+        for rec in records:
+            self.put(rec.rid, rec)
+        for f in finished:
+            self.put_finished(f)
+        return self.r is not None and self.healthy
+
+    # ------------------------------------------------------------ flusher
+    @staticmethod
+    def _materialise(rid: str, rec) -> Prediction:
+        if isinstance(rec, Prediction):
+            return rec
+        # compact form from the columnar path: (step, rem_p50, rem_p90, rem_mean, source, version, ts, prompt_tokens)
+        step, r50, r90, mean, src, ver, ts, pt = rec
+        return Prediction.after(rid, step, r50, r90, mean, source=src, head_version=ver, ts=ts, prompt_tokens=pt)
+
+    async def _flush_once(self) -> None:
+        batch, self._pending = self._pending, {}
+        fins = list(self._finished)
+        self._finished.clear()
+        if not batch and not fins:
+            return
         try:
             pipe = self.r.pipeline(transaction=False)
             chan = keys.events_channel(self.ns)
-            for rec in records:
-                k = keys.pred_key(self.ns, rec.rid)
+            for rid, rec in batch.items():
+                rec = self._materialise(rid, rec)
+                k = keys.pred_key(self.ns, rid)
                 pipe.hset(k, mapping=rec.to_hash())
                 pipe.expire(k, self.ttl_s)
                 pipe.publish(chan, rec.to_json())
-            for f in finished:
+            for f in fins:
                 k = keys.pred_key(self.ns, f["rid"])
                 pipe.hset(k, "true_len", f["output_tokens"])
                 pipe.expire(k, self.ttl_s)
                 pipe.xadd(keys.finished_stream(self.ns), {k2: str(v) for k2, v in f.items()},
                           maxlen=self.finished_maxlen, approximate=True)
                 pipe.publish(chan, json.dumps({"type": "finished", **f}))
-            await pipe.execute()
-            return True
-        except Exception as e:  # noqa: BLE001 — any Redis failure is soft
+            await asyncio.wait_for(pipe.execute(), self._timeout * 4)
+            self.healthy = True
+            self.flushes += 1
+            self.written += len(batch) + len(fins)
+        except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 — Redis is soft state
             self._fail(e)
-            return False
+            # put back what no newer record replaced, within the bounds (newest wins, memory flat)
+            for rid, rec in batch.items():
+                if rid not in self._pending and len(self._pending) < self.max_pending:
+                    self._pending[rid] = rec
+            room = self._finished.maxlen - len(self._finished)
+            self._finished.extendleft(reversed(fins[-room:] if room > 0 else []))
+            raise _Retry from None
+
+    async def _flusher(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._flush_once()
+                backoff = 0.05
+            except _Retry:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                self._dirty.set()
+
+    def _fail(self, e: BaseException) -> None:
+        self.errors += 1
+        self.healthy = False
+        if self.on_error:
+            self.on_error()
+        now = time.monotonic()
+        if now - self._last_log > 10:
+            log.warning("redis write failed (%s: %s); predictions are queued (newest per request) until it is back",
+                        type(e).__name__, e)
+            self._last_log = now
+
+
+class _Retry(Exception):
+    """A flush failed; the flusher backs off and tries again."""
