@@ -89,6 +89,8 @@ class SidecarConfig:
     """Skip storing a PLP update that moves the predicted total by less than this fraction."""
     store_max_pending: int = 200_000
     """Write-behind: requests with a prediction waiting for Redis (newest per request wins)."""
+    serve_v2: bool = True
+    """Serve lenpred.v2 (columnar Ingest) next to v1; off = a v1-only sidecar (rollout tests)."""
     reuse_port: bool = False
     """SO_REUSEPORT on the gRPC port (set by `--processes N`: N servers share one port)."""
 
@@ -563,7 +565,8 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
     v2_handlers = {"Ingest": grpc.stream_stream_rpc_method_handler(
         svc.IngestV2, request_deserializer=_safe_deserializer(pb2.Batch, lim),
         response_serializer=pb2.Ack.SerializeToString)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_V2, v2_handlers),))
+    if cfg.serve_v2:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_V2, v2_handlers),))
     health_svc = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_svc, server)
     reflection.enable_server_reflection(

@@ -37,12 +37,14 @@ class PredictionStore:
         self.dropped = 0            # records refused because the pending dict was full
         self.flushes = 0
         self.written = 0
+        self.in_flight = 0          # records in the pipeline being sent
         self.healthy = False        # last round trip to Redis succeeded
         self.flusher_error: str | None = None
         self.on_error = on_error    # callback() per failed pipeline (metrics)
         self.on_dead = None         # callback(reason) when the flusher task dies
         self._last_log = 0.0
-        self._pending: dict[str, object] = {}
+        # insertion-ordered: when full, the OLDEST request's record goes (newer requests matter more)
+        self._pending: collections.OrderedDict[str, object] = collections.OrderedDict()
         self._finished: collections.deque = collections.deque(maxlen=max_finished_pending)
         self._dirty = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -84,6 +86,7 @@ class PredictionStore:
                 except Exception:  # noqa: BLE001
                     pass
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         if self.r is not None:
             await self.r.aclose()
 
@@ -97,11 +100,11 @@ class PredictionStore:
         if self.r is None:
             return
         p = self._pending
-        if rid in p or len(p) < self.max_pending:
-            p[rid] = rec
-            self._dirty.set()
-        else:
+        if rid not in p and len(p) >= self.max_pending:
+            p.popitem(last=False)
             self.dropped += 1
+        p[rid] = rec
+        self._dirty.set()
 
     def put_many(self, rids, recs) -> None:
         if self.r is None:
@@ -141,11 +144,12 @@ class PredictionStore:
         return Prediction.after(rid, step, r50, r90, mean, source=src, head_version=ver, ts=ts, prompt_tokens=pt)
 
     async def _flush_once(self) -> None:
-        batch, self._pending = self._pending, {}
+        batch, self._pending = self._pending, collections.OrderedDict()
         fins = list(self._finished)
         self._finished.clear()
         if not batch and not fins:
             return
+        self.in_flight = len(batch) + len(fins)  # at most max_pending + max_finished_pending more
         try:
             pipe = self.r.pipeline(transaction=False)
             chan = keys.events_channel(self.ns)
@@ -162,16 +166,23 @@ class PredictionStore:
                 pipe.xadd(keys.finished_stream(self.ns), {k2: str(v) for k2, v in f.items()},
                           maxlen=self.finished_maxlen, approximate=True)
                 pipe.publish(chan, json.dumps({"type": "finished", **f}))
-            await asyncio.wait_for(pipe.execute(), self._timeout * 4)
+            await pipe.execute()  # deadline: the client's socket timeout (op_timeout_s) per read/write
             self.healthy = True
             self.flushes += 1
             self.written += len(batch) + len(fins)
+            self.in_flight = 0
         except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 — Redis is soft state
             self._fail(e)
+            self.in_flight = 0
             # put back what no newer record replaced, within the bounds (newest wins, memory flat)
-            for rid, rec in batch.items():
-                if rid not in self._pending and len(self._pending) < self.max_pending:
-                    self._pending[rid] = rec
+            # the failed records are older than anything queued since: they go back in front, as
+            # many as fit; superseded ones (a newer record for the rid was queued) are not needed
+            back = [(rid, rec) for rid, rec in batch.items() if rid not in self._pending]
+            room = max(self.max_pending - len(self._pending), 0)
+            self.dropped += max(len(back) - room, 0)
+            for rid, rec in reversed(back[len(back) - room:] if room else []):
+                self._pending[rid] = rec
+                self._pending.move_to_end(rid, last=False)
             room = self._finished.maxlen - len(self._finished)
             self._finished.extendleft(reversed(fins[-room:] if room > 0 else []))
             raise _Retry from None
