@@ -21,8 +21,12 @@ class _Pending:
 
 
 class MicroBatcher:
-    def __init__(self, max_batch: int = 256, max_wait_us: int = 2000, on_batch=None):
+    def __init__(self, max_batch: int = 256, max_wait_us: int = 2000, on_batch=None, inline: bool = False):
         self.max_batch = max_batch
+        # inline: run the forward on the event loop thread. On CPU the forward holds the GIL for
+        # its op dispatch anyway, so a worker thread only adds hand-offs and GIL contention
+        # (measured: docs/RESULTS.md, sidecar line rate); on a GPU the thread overlaps the kernels.
+        self.inline = inline
         self.max_wait_s = max_wait_us / 1e6
         self.on_batch = on_batch  # callback(head, rows, seconds) for metrics
         self._pending: dict[int, tuple[LengthHead, _Pending]] = {}
@@ -57,7 +61,7 @@ class MicroBatcher:
             x = torch.cat(p.rows)
             async with self._lock:
                 t0 = time.perf_counter()
-                out = await asyncio.to_thread(self._forward, head, x)
+                out = self._forward(head, x) if self.inline else await asyncio.to_thread(self._forward, head, x)
                 if self.on_batch:
                     self.on_batch(head, x.shape[0], time.perf_counter() - t0)
             off = 0

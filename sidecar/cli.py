@@ -8,6 +8,7 @@ import json
 import logging
 import os
 
+from lenpred.sidecar.multiproc import default_processes, run_processes
 from lenpred.sidecar.server import SidecarConfig, serve
 
 
@@ -35,6 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learn-config", default=None,
                    help="JSON object of learning settings (lenpred.sidecar.learn.LearnConfig), e.g. "
                         "'{\"min_finished\": 500, \"retrain_every\": 500}'")
+    p.add_argument("--processes", default="auto",
+                   help="ingest processes sharing the port (SO_REUSEPORT), each with its own event loop; "
+                        "auto = min(cores/2, 8) with a GPU, 1 on CPU")
+    p.add_argument("--head-dtype", default=d.head_dtype, choices=["auto", "float32", "bfloat16"],
+                   help="head weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--forward-thread", default=d.forward_thread, choices=["auto", "on", "off"],
+                   help="head forwards in a worker thread (auto: on with CUDA, off on CPU)")
+    p.add_argument("--plp-min-change", type=float, default=d.plp_min_change,
+                   help="store a PLP update only when it moves the predicted total by at least this fraction")
+    p.add_argument("--max-rid-bytes", type=int, default=d.max_rid_bytes)
+    p.add_argument("--max-inflight-bytes", type=int, default=d.max_inflight_bytes)
+    p.add_argument("--max-output-tokens", type=int, default=d.max_output_tokens,
+                   help="ceiling on a recorded true length (also clamped to the request's max_new_tokens)")
+    p.add_argument("--slab-slots", type=int, default=d.slab_slots, help="v2: prompt vectors kept on the device")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -50,8 +65,17 @@ def config_from_args(a: argparse.Namespace) -> SidecarConfig:
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = config_from_args(a)
+    n = default_processes(cfg.device) if a.processes == "auto" else int(a.processes)
+    if n < 1:
+        raise SystemExit("--processes must be >= 1 or auto")
+    if n > 1:
+        try:
+            return run_processes(cfg, n, a.log_level.upper())
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     try:
-        asyncio.run(serve(config_from_args(a)))
+        asyncio.run(serve(cfg))
     except KeyboardInterrupt:
         pass
     return 0

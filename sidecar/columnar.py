@@ -89,8 +89,10 @@ class ColumnarIngest:
             get = st.rids.get
             xd = ok = None
             if dec.vectors.shape[0]:
-                xd = self._to_device(dec.vectors)
-                ok = torch.isfinite(xd).all(1).cpu().numpy()  # whole message, one reduction
+                # once to the device, upcast there; NaN/Inf check as ONE reduction over the message:
+                # x*0 is 0 for every finite x and NaN otherwise (torch.isfinite is ~8x slower on CPU)
+                xd = self._to_device(dec.vectors).float()
+                ok = (xd.mul(0).sum(1) == 0).cpu().numpy()
             pend = []  # (kind, future, context)
             if n_pre:
                 rids = [get(h) for h in dec.prefill_handles.tolist()]

@@ -89,6 +89,9 @@ class SidecarConfig:
     """Skip storing a PLP update that moves the predicted total by less than this fraction."""
     store_max_pending: int = 200_000
     """Write-behind: requests with a prediction waiting for Redis (newest per request wins)."""
+    forward_thread: str = "auto"
+    """Run head forwards in a worker thread: on, off, or auto (on with CUDA: the kernels overlap
+    ingest; off on CPU, where measured hand-offs and GIL contention cost more than they gain)."""
     serve_v2: bool = True
     """Serve lenpred.v2 (columnar Ingest) next to v1; off = a v1-only sidecar (rollout tests)."""
     reuse_port: bool = False
@@ -151,7 +154,8 @@ class LengthPredictorService:
         self.heads = registry
         self.store = store
         self.m = metrics
-        self.batcher = MicroBatcher(cfg.max_batch, cfg.max_wait_us, on_batch=self._on_batch)
+        self.batcher = MicroBatcher(cfg.max_batch, cfg.max_wait_us, on_batch=self._on_batch,
+                                    inline=forward_inline(cfg.forward_thread, registry.device))
         self.prompts: collections.OrderedDict[str, _Prompt] = collections.OrderedDict()
         self.skipped_writes = 0  # PLP updates not stored: they moved the prediction < plp_min_change
         self.budget = ByteBudget(cfg.max_inflight_bytes)
@@ -493,6 +497,12 @@ class ByteBudget:
 
 def _mae(head) -> float:
     return float(head.meta.metrics.get("mae", float("inf")))
+
+
+def forward_inline(mode: str, device: torch.device) -> bool:
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"forward_thread must be auto, on or off, got {mode!r}")
+    return mode == "off" or (mode == "auto" and device.type == "cpu")
 
 
 def head_dtype(name: str, device: torch.device) -> torch.dtype:
