@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight-bytes", type=int, default=d.max_inflight_bytes)
     p.add_argument("--max-output-tokens", type=int, default=d.max_output_tokens,
                    help="ceiling on a recorded true length (also clamped to the request's max_new_tokens)")
+    p.add_argument("--store-max-pending", type=int, default=d.store_max_pending,
+                   help="Redis write-behind: requests waiting to be written (newest per request; oldest dropped)")
     p.add_argument("--slab-slots", type=int, default=d.slab_slots, help="v2: prompt vectors kept on the device")
     p.add_argument("--log-level", default="INFO")
     return p
