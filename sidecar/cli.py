@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ingest processes sharing the port (SO_REUSEPORT), each with its own event loop; "
                         "auto = min(cores/2, 8) with a GPU, 1 on CPU")
     p.add_argument("--head-dtype", default=d.head_dtype, choices=["auto", "float32", "bfloat16"],
-                   help="head weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="head weights' dtype (auto: bf16 on CUDA and on CPUs with AMX, else fp32)")
     p.add_argument("--forward-thread", default=d.forward_thread, choices=["auto", "on", "off"],
                    help="head forwards in a worker thread (auto: on with CUDA, off on CPU)")
     p.add_argument("--plp-min-change", type=float, default=d.plp_min_change,

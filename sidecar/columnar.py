@@ -1,6 +1,11 @@
 """The lenpred.v2 Ingest path: columnar batches, no per-row Python work on decode rows.
 
-Per message: the vector blob is copied once to the device (through pinned memory on CUDA), checked
+Messages that arrive together (from all streams) are processed as one GROUP: while a group is
+being processed the next messages queue, and the next group takes all of them (no timer). Within
+a group rows are applied in this order: bindings (message order), every prefill row, every decode
+row (so a decode row finds a prefill sent just before it), then every finished row.
+
+Per group: the vector blob is copied once to the device (through pinned memory on CUDA), checked
 for NaN/Inf there with one reduction, prefill prompt vectors go into the device slab
 (sidecar/slab.py) with one `index_copy_`, PLP input is one `index_select` + `cat`, each head batch
 comes back with one device->host copy (MicroBatcher) and its outputs are checked finite (a finite
@@ -10,7 +15,10 @@ write-behind store as compact tuples; PLP updates that move the prediction by le
 """
 from __future__ import annotations
 
+import asyncio
+import collections
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +31,23 @@ from lenpred.sidecar.errors import BadInput
 from lenpred.sidecar.slab import PromptSlab
 
 INVALID_CODE = 3
+log = logging.getLogger("lenpred.sidecar")
+
+
+@dataclass
+class _Msg:
+    """A checked message inside a group."""
+
+    i: int
+    st: "StreamState"
+    dec: wire_v2.Decoded
+    key: tuple
+    pair: object
+    learn: object
+    rids: list = field(default_factory=list)   # prefill rids
+    head: object = None                        # prefill head and the feature it reads
+    feature: str = ""
+    off: int = 0                               # first row of this message's vectors in the group blob
 
 
 @dataclass
@@ -43,6 +68,11 @@ class ColumnarIngest:
         m = svc.m
         self._acc = {k: m.rows.labels(k, "accepted") for k in ("prefill", "decode", "finished")}
         self._rej = m.rows.labels("any", "rejected")
+        self._queue: collections.deque = collections.deque()
+        self._draining = False
+        # rows per group: large enough to amortise per-group work, bounded so one group's
+        # forward does not hold the loop for long (and device memory stays bounded)
+        self.max_group_rows = max(cfg.max_batch * 8, 1)
 
     # ------------------------------------------------------------ helpers
     def slab(self, key: tuple, dim: int) -> PromptSlab:
@@ -61,128 +91,252 @@ class ColumnarIngest:
         ceiling = self.svc.cfg.max_output_tokens
         return min(out, cap if 0 < cap < ceiling else ceiling)
 
-    # ------------------------------------------------------------ one message
+    # ------------------------------------------------------------ grouping
     async def ingest(self, st: StreamState, msg) -> pb2.Ack:
-        svc, cfg = self.svc, self.svc.cfg
-        if not isinstance(msg, pb2.Batch):  # _Unparsed from the safe deserializer
-            self._rej.inc()
-            return pb2.Ack(code=INVALID_CODE, message=msg.reason)
-        ack = pb2.Ack(seq=msg.seq)
-        total = 0
+        """Queue one message; messages queued together (all streams) are processed as ONE group:
+        one device copy, one NaN check, one slab write/read and one forward per head for the
+        whole group, so the per-message cost is a little numpy and a little Python."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append((st, msg, fut))
+        if not self._draining:
+            self._draining = True
+            loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
         try:
+            while self._queue:
+                # let every stream's reader queue what has already arrived: that is the batching
+                for _ in range(16):
+                    n = len(self._queue)
+                    await asyncio.sleep(0)
+                    if len(self._queue) == n:
+                        break
+                group, rows = [], 0
+                while self._queue and (not group or rows < self.max_group_rows):
+                    item = self._queue.popleft()
+                    group.append(item)
+                    m = item[1]
+                    rows += (len(m.prefill_handles) + len(m.decode_handles)) // 4 if isinstance(m, pb2.Batch) else 0
+                try:
+                    acks = await self._process(group)
+                except Exception as e:  # noqa: BLE001 — a bug must answer its messages, not hang streams
+                    log.exception("v2 ingest group failed")
+                    acks = [pb2.Ack(seq=getattr(m, "seq", 0), code=13, message=f"internal error: {type(e).__name__}: {e}")
+                            for _, m, _ in group]
+                for (_, _, fut), ack in zip(group, acks):
+                    if not fut.done():
+                        fut.set_result(ack)
+        finally:
+            self._draining = False
+
+    async def _forward(self, head, x: torch.Tensor) -> dict:
+        b = self.svc.batcher
+        t0 = time.perf_counter()
+        out = b._forward(head, x) if b.inline else await asyncio.to_thread(b._forward, head, x)
+        self.svc._on_batch(head, x.shape[0], time.perf_counter() - t0)
+        return out
+
+    # ------------------------------------------------------------ one group
+    async def _process(self, group) -> list:
+        svc, cfg = self.svc, self.svc.cfg
+        n = len(group)
+        acks = [pb2.Ack(seq=getattr(m, "seq", 0)) for _, m, _ in group]
+        total = np.zeros(n, np.int64)
+        rej = np.zeros(n, np.int64)
+        notes: list[list[str]] = [[] for _ in range(n)]
+        valid: dict[tuple, list[_Msg]] = {}
+        for i, (st, msg, _) in enumerate(group):
+            if not isinstance(msg, pb2.Batch):  # _Unparsed from the safe deserializer
+                acks[i].code, acks[i].message = INVALID_CODE, msg.reason
+                self._rej.inc()
+                continue
             try:
-                dec = wire_v2.decode(msg, self.limits)
-            except wire_v2.WireError as e:
-                raise BadInput(str(e)) from None
-            total = dec.rows
-            n_pre, n_dec, n_fin = dec.n_prefill, dec.n_decode, dec.n_finished
-            # bindings before any await: a later message of this stream must find them
-            if len(dec.bind_handles):
-                if len(st.rids) + len(dec.bind_handles) > cfg.max_stream_handles:
-                    raise BadInput(f"more than {cfg.max_stream_handles} live handles on this stream")
-                st.rids.update(zip(dec.bind_handles.tolist(), dec.bind_rids))
-            notes: list[str] = []
-            rejected = 0
-            key = (msg.head.model_id, msg.head.hidden_size, msg.head.layer)
-            learn = svc.learning.recorder if svc.learning and svc.learning.recorder.wants(key) else None
-            pair = svc._select(msg.head, missing_ok=learn is not None) if (n_pre or n_dec) else None
-            get = st.rids.get
-            xd = ok = None
-            if dec.vectors.shape[0]:
-                # once to the device, upcast there; NaN/Inf check as ONE reduction over the message:
-                # x*0 is 0 for every finite x and NaN otherwise (torch.isfinite is ~8x slower on CPU)
-                xd = self._to_device(dec.vectors).float()
-                ok = (xd.mul(0).sum(1) == 0).cpu().numpy()
-            pend = []  # (kind, future, context)
-            if n_pre:
-                rids = [get(h) for h in dec.prefill_handles.tolist()]
-                if None in rids:
-                    raise BadInput(f"{rids.count(None)} prefill handle(s) not bound on this stream")
-                feats = {f: xd[dec.feature_slice(f)] for f in dec.features}
-                head, feature = svc._prefill_head(pair, "pooled" in feats, "last" in feats) if pair else (None, "")
-                ok_pre = np.ones(n_pre, bool)
-                for f in dec.features:
-                    ok_pre &= ok[dec.feature_slice(f)]
-                pts = dec.prompt_tokens if dec.prompt_tokens is not None else np.zeros(n_pre, np.int32)
-                if not ok_pre.all():
-                    bad = int((~ok_pre).sum())
-                    rejected += bad
-                    notes.append(f"{bad} prefill vector(s) contain NaN/Inf: rejected")
-                    idx = np.flatnonzero(ok_pre)
-                    sel = torch.from_numpy(idx).to(self.device)
-                    rids = [rids[i] for i in idx]
-                    pts = pts[idx]
-                    feats = {f: x.index_select(0, sel) for f, x in feats.items()}
-                if rids:
-                    pf = pair.plp.meta.prompt_feature if pair is not None and pair.plp is not None else None
-                    if pf in feats:
-                        self.slab(key, msg.head.hidden_size).put(rids, feats[pf], pts)
-                    if learn:
-                        caps = dec.prefill_max_new
-                        caps = caps[np.flatnonzero(ok_pre)].tolist() if caps is not None else None
-                        learn.on_prefill(key, rids, {k: x.float().cpu() for k, x in feats.items()}, pts.tolist(), caps)
-                    if head is not None:
-                        pend.append(("pre", svc.batcher.predict(head, feats[feature]), (head, rids, pts)))
-            if n_dec:
-                rids_d = [get(h) for h in dec.decode_handles.tolist()]
-                ok_d = ok[dec.decode_slice]
+                try:
+                    dec = wire_v2.decode(msg, self.limits)
+                except wire_v2.WireError as e:
+                    raise BadInput(str(e)) from None
+                total[i] = dec.rows
+                # bindings in message order, before anything reads them
+                if len(dec.bind_handles):
+                    if len(st.rids) + len(dec.bind_handles) > cfg.max_stream_handles:
+                        raise BadInput(f"more than {cfg.max_stream_handles} live handles on this stream")
+                    st.rids.update(zip(dec.bind_handles.tolist(), dec.bind_rids))
+                key = (msg.head.model_id, msg.head.hidden_size, msg.head.layer)
+                learn = svc.learning.recorder if svc.learning and svc.learning.recorder.wants(key) else None
+                pair = svc._select(msg.head, missing_ok=learn is not None) if (dec.n_prefill or dec.n_decode) else None
+                m = _Msg(i, st, dec, key, pair, learn)
+                if dec.n_prefill:
+                    get = st.rids.get
+                    m.rids = [get(h) for h in dec.prefill_handles.tolist()]
+                    if None in m.rids:
+                        raise BadInput(f"{m.rids.count(None)} prefill handle(s) not bound on this stream")
+                    if pair is not None:
+                        m.head, m.feature = svc._prefill_head(pair, "pooled" in dec.features, "last" in dec.features)
+                valid.setdefault((key, id(pair)), []).append(m)
+            except BadInput as e:
+                acks[i].code, acks[i].message, acks[i].rejected = INVALID_CODE, str(e), int(total[i])
+                self._rej.inc(max(int(total[i]), 1))
+        fins: list[dict] = []
+        for ms in valid.values():
+            fins += await self._process_model(ms, rej, notes)
+        for f in fins:
+            svc.store.put_finished(f)
+        unstored = svc.store.r is not None and not svc.store.healthy
+        for ms in valid.values():
+            for m in ms:
+                i, a, d = m.i, acks[m.i], m.dec
+                a.accepted, a.rejected = int(total[i] - rej[i]), int(rej[i])
+                if rej[i]:
+                    a.code = INVALID_CODE
+                    self._rej.inc(int(rej[i]))
+                if unstored:
+                    notes[i].append("redis unavailable: predictions computed, queued (newest per request), not stored yet")
+                a.message = "; ".join(notes[i])
+                self._acc["prefill"].inc(d.n_prefill)
+                self._acc["decode"].inc(d.n_decode)
+                self._acc["finished"].inc(d.n_finished)
+        return acks
+
+    async def _process_model(self, ms: list, rej: np.ndarray, notes: list) -> list[dict]:
+        """Messages of one model (same head pair): one blob, one check, one forward per head."""
+        key, pair, learn = ms[0].key, ms[0].pair, ms[0].learn
+        dim = ms[0].dec.msg.head.hidden_size
+        xd = ok = None
+        vec = [m for m in ms if m.dec.vectors.shape[0]]
+        if vec:
+            parts = [m.dec.vectors for m in vec]
+            if len({p.dtype for p in parts}) > 1:
+                parts = [p.float() for p in parts]
+            off = 0
+            for m in vec:
+                m.off = off
+                off += m.dec.vectors.shape[0]
+            # once to the device, upcast there; NaN/Inf check as ONE reduction over the group:
+            # x*0 is 0 for every finite x and NaN otherwise (torch.isfinite is ~8x slower on CPU)
+            xd = self._to_device(parts[0] if len(parts) == 1 else torch.cat(parts)).float()
+            ok = (xd.mul(0).sum(1) == 0).cpu().numpy()
+        pend = []  # (kind, head, x, ctx)
+        # ---- prefill rows
+        pre = [m for m in ms if m.dec.n_prefill]
+        if pre:
+            rids, mi, pts, caps = [], [], [], []
+            rows = {f: [] for f in ("pooled", "last")}
+            okp = []
+            for m in pre:
+                d = m.dec
+                k = d.n_prefill
+                o = np.ones(k, bool)
+                for f in rows:
+                    if f in d.features:
+                        sl = d.feature_slice(f)
+                        r = np.arange(m.off + sl.start, m.off + sl.stop)
+                        o &= ok[r]
+                        rows[f].append(r)
+                    else:
+                        rows[f].append(np.full(k, -1))
+                okp.append(o)
+                rids += m.rids
+                mi.append(np.full(k, m.i))
+                pts.append(d.prompt_tokens if d.prompt_tokens is not None else np.zeros(k, np.int32))
+                caps.append(d.prefill_max_new if d.prefill_max_new is not None else np.zeros(k, np.int32))
+            okp, mi = np.concatenate(okp), np.concatenate(mi)
+            pts, caps = np.concatenate(pts), np.concatenate(caps)
+            rows = {f: np.concatenate(r) for f, r in rows.items()}
+            if not okp.all():
+                bad = np.bincount(mi[~okp], minlength=len(rej))
+                rej += bad
+                for i in np.flatnonzero(bad):
+                    notes[i].append(f"{bad[i]} prefill vector(s) contain NaN/Inf: rejected")
+            keep = np.flatnonzero(okp)
+            if len(keep) < len(okp):
+                rids = [rids[j] for j in keep]
+                mi, pts, caps = mi[keep], pts[keep], caps[keep]
+                rows = {f: r[keep] for f, r in rows.items()}
+            if len(keep):
+                pf = pair.plp.meta.prompt_feature if pair is not None and pair.plp is not None else None
+                if pf is not None:
+                    has = rows[pf] >= 0
+                    if has.all():
+                        self.slab(key, dim).put(rids, xd[torch.from_numpy(rows[pf])], pts)
+                    elif has.any():
+                        h = np.flatnonzero(has)
+                        self.slab(key, dim).put([rids[j] for j in h], xd[torch.from_numpy(rows[pf][h])], pts[h])
                 if learn:
-                    fin = [i for i in np.flatnonzero(ok_d).tolist() if rids_d[i] is not None]
-                    learn.on_decode(key, [rids_d[i] for i in fin], dec.decode_steps[fin].tolist(),
-                                    xd[dec.decode_slice][torch.tensor(fin, dtype=torch.long, device=self.device)].float().cpu())
-                if pair is None or pair.plp is None:
-                    if not learn:
-                        notes.append(f"{n_dec} decode vector(s) ignored: no PLP head loaded for this model")
-                        rejected += n_dec
-                else:
-                    slab = self.slabs.get(key)
-                    slots = slab.lookup(rids_d) if slab is not None else np.full(n_dec, -1, np.int64)
-                    valid = (slots >= 0) & ok_d
-                    miss = n_dec - int(valid.sum())
-                    if miss:
-                        rejected += miss
-                        notes.append(f"{miss} decode vector(s) rejected (NaN/Inf, unbound handle, or no prefill "
-                                     "vector seen for the rid, or not the prompt feature the PLP head reads)")
-                    if miss < n_dec:
-                        xdec = xd[dec.decode_slice]
-                        steps = dec.decode_steps
-                        if miss:
-                            idx = np.flatnonzero(valid)
-                            xdec = xdec.index_select(0, torch.from_numpy(idx).to(self.device))
-                            slots, steps = slots[idx], steps[idx]
-                            rids_d = [rids_d[i] for i in idx]
-                        # read the prompt state now: a finished row may free the slot during the await
-                        x = torch.cat([slab.gather(slots), xdec.to(slab.dtype)], 1)
-                        pend.append(("plp", svc.batcher.predict(pair.plp, x),
-                                     (pair.plp, rids_d, slots, steps, slab.prompt_tokens[slots].copy())))
-            fin_recs = self._finish(st, key, dec, learn) if n_fin else []
-            now = time.time()
-            for kind, fut, ctx in pend:
-                out = await fut
-                mean, p50, p90 = out["mean"].numpy(), out["p50"].numpy(), out["p90"].numpy()
-                good = np.isfinite(mean) & np.isfinite(p50) & np.isfinite(p90)
+                    feats = {f: xd[torch.from_numpy(r)].cpu() for f, r in rows.items() if len(r) and (r >= 0).all()}
+                    learn.on_prefill(key, rids, feats, pts.tolist(), caps.tolist())
+                # one forward per serving (head, feature): normally one
+                by_head: dict[int, list] = {}
+                head_of = {m.i: (m.head, m.feature) for m in pre}
+                for j, i in enumerate(mi.tolist()):
+                    if head_of[i][0] is not None:
+                        by_head.setdefault(id(head_of[i][0]), [head_of[i], []])[1].append(j)
+                for (head, feature), js in by_head.values():
+                    js = np.asarray(js)
+                    sel = js if len(js) < len(rids) else slice(None)
+                    r = rows[feature][sel]
+                    pend.append(("pre", head, xd[torch.from_numpy(r)],
+                                 (head, rids if len(js) == len(rids) else [rids[j] for j in js], pts[sel], mi[sel])))
+        # ---- decode rows (PLP)
+        dm = [m for m in ms if m.dec.n_decode]
+        if dm:
+            rids_d, mi_d, rows_d, steps = [], [], [], []
+            for m in dm:
+                d = m.dec
+                get = m.st.rids.get
+                rids_d += [get(h) for h in d.decode_handles.tolist()]
+                sl = d.decode_slice
+                rows_d.append(np.arange(m.off + sl.start, m.off + sl.stop))
+                mi_d.append(np.full(d.n_decode, m.i))
+                steps.append(d.decode_steps)
+            rows_d, mi_d, steps = np.concatenate(rows_d), np.concatenate(mi_d), np.concatenate(steps)
+            okd = ok[rows_d]
+            if learn:
+                f = [j for j in np.flatnonzero(okd).tolist() if rids_d[j] is not None]
+                learn.on_decode(key, [rids_d[j] for j in f], steps[f].tolist(),
+                                xd[torch.from_numpy(rows_d[f])].cpu())
+            if pair is None or pair.plp is None:
+                if not learn:  # when learning, the rows are recorded: no PLP head (yet) is no error
+                    cnt = np.bincount(mi_d, minlength=len(rej))
+                    rej += cnt
+                    for i in np.flatnonzero(cnt):
+                        notes[i].append(f"{cnt[i]} decode vector(s) ignored: no PLP head loaded for this model")
+            else:
+                slab = self.slabs.get(key)
+                slots = slab.lookup(rids_d) if slab is not None else np.full(len(rids_d), -1, np.int64)
+                good = (slots >= 0) & okd
                 if not good.all():
-                    bad = int((~good).sum())
-                    rejected += bad
-                    notes.append(f"{bad} row(s) refused: the head's output is not finite (input out of range)")
-                rejected += self._record(kind, ctx, key, mean, p50, p90, good, now, learn)
-            for f in fin_recs:
-                svc.store.put_finished(f)
-            if svc.store.r is not None and not svc.store.healthy:
-                notes.append("redis unavailable: predictions computed, queued (newest per request), not stored yet")
-            ack.accepted = total - rejected
-            ack.rejected = rejected
-            if rejected:
-                ack.code = INVALID_CODE
-                self._rej.inc(rejected)
-            ack.message = "; ".join(notes)
-            self._acc["prefill"].inc(n_pre)
-            self._acc["decode"].inc(n_dec)
-            self._acc["finished"].inc(n_fin)
-        except BadInput as e:
-            ack.code, ack.message, ack.rejected, ack.accepted = INVALID_CODE, str(e), total, 0
-            self._rej.inc(max(total, 1))
-        return ack
+                    miss = np.bincount(mi_d[~good], minlength=len(rej))
+                    rej += miss
+                    for i in np.flatnonzero(miss):
+                        notes[i].append(f"{miss[i]} decode vector(s) rejected (NaN/Inf, unbound handle, or no prefill "
+                                        "vector seen for the rid, or not the prompt feature the PLP head reads)")
+                if good.any():
+                    if not good.all():
+                        g = np.flatnonzero(good)
+                        rids_d = [rids_d[j] for j in g]
+                        rows_d, slots, steps, mi_d = rows_d[g], slots[g], steps[g], mi_d[g]
+                    # read the prompt state now: a finished row below frees slots
+                    x = torch.cat([slab.gather(slots), xd[torch.from_numpy(rows_d)].to(slab.dtype)], 1)
+                    pend.append(("plp", pair.plp, x, (pair.plp, rids_d, slots, steps,
+                                                      slab.prompt_tokens[slots].copy(), mi_d)))
+        fins = []
+        for m in ms:
+            if m.dec.n_finished:
+                fins += self._finish(m.st, key, m.dec, learn)
+        now = time.time()
+        for kind, head, x, ctx in pend:
+            out = await self._forward(head, x)
+            mean, p50, p90 = out["mean"].numpy(), out["p50"].numpy(), out["p90"].numpy()
+            good = np.isfinite(mean) & np.isfinite(p50) & np.isfinite(p90)
+            if not good.all():
+                bad = np.bincount(ctx[-1][~good], minlength=len(rej))
+                rej += bad
+                for i in np.flatnonzero(bad):
+                    notes[i].append(f"{bad[i]} row(s) refused: the head's output is not finite (input out of range)")
+            self._record(kind, ctx[:-1], key, mean, p50, p90, good, now, learn)
+        return fins
 
     def _record(self, kind, ctx, key, mean, p50, p90, good, now, learn) -> int:
         """Queue the finite predictions in the store; returns 0 (refusals were counted already)."""

@@ -107,7 +107,8 @@ class LengthHead(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Point estimate and calibrated quantiles (tokens) for a batch of input vectors."""
-        p = torch.softmax(self.net(x.to(self.edges.device, next(self.parameters()).dtype)).float(), -1)
+        w = self.net[0].weight
+        p = torch.softmax(self.net(x.to(w.device, w.dtype)).float(), -1)
         cal = self.meta.calibration
         q = quantiles(p, self.edges, (0.5, 0.9))  # both in one pass: the sidecar calls this per batch
         return {

@@ -134,6 +134,19 @@ class PredictionStore:
             self.put_finished(f)
         return self.r is not None and self.healthy
 
+    async def write_now(self, records: list[Prediction], finished: list[dict]) -> bool:
+        """Queue and flush at once, in one pipeline: for tools that want a record readable when
+        the call returns (the prediction injector of `lenpred bench schedule-real`); the
+        sidecar's ingest never calls this."""
+        await self.write(records, finished)
+        if self.r is None:
+            return False
+        try:
+            await self._flush_once()
+            return True
+        except _Retry:
+            return False
+
     # ------------------------------------------------------------ flusher
     @staticmethod
     def _materialise(rid: str, rec) -> Prediction:

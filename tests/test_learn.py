@@ -206,6 +206,8 @@ def test_cold_start_learn_promote_hot_swap_and_kill_switch(sidecar, tmp_path, re
         s.send(batches(more))
         acks = s.wait_acks(33)
         assert all(a.code == 0 for a in acks)
+        # Redis writes are write-behind: the record lands shortly after the ack
+        assert wait(lambda: r.hget(keys.pred_key("default", "q160"), "head_version") == sv["version"].encode())
         rec = Prediction.from_hash(r.hgetall(keys.pred_key("default", "q160")))
         assert rec.head_version == sv["version"] and rec.source in ("last", "plp")
         assert wait(lambda: not np.isnan(sidecar.running.service.learning.recorder.live[(MODEL, D, -1)].mae()))

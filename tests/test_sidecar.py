@@ -54,6 +54,16 @@ def ingest(stub, *batches):
     return list(stub.Ingest(iter(batches), timeout=10))
 
 
+def eventually(pred, timeout=5.0):
+    """Redis writes are write-behind (docs/REDIS.md): a record lands shortly after its ack."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def assert_still_serving(stub):
     r = stub.Predict(pb.PredictRequest(head=HEAD, prompt_vectors=wire.encode(vecs(2))), timeout=5)
     assert len(r.predictions) == 2
@@ -65,7 +75,9 @@ def test_predict_returns_ordered_quantiles_and_writes_redis(stub, redis_url):
     assert [p.rid for p in r.predictions] == ["a", "b", "c"]
     for p in r.predictions:
         assert 0 < p.p50 <= p.p90 and p.source == "egtp" and p.head_version == "t1"
-    rec = Prediction.from_hash(redis.Redis.from_url(redis_url).hgetall(keys.pred_key("default", "b")))
+    rr = redis.Redis.from_url(redis_url)
+    assert eventually(lambda: rr.exists(keys.pred_key("default", "b")))
+    rec = Prediction.from_hash(rr.hgetall(keys.pred_key("default", "b")))
     assert math.isclose(rec.p50, r.predictions[1].p50, rel_tol=1e-5)
 
 
@@ -86,6 +98,8 @@ def test_ingest_prefill_decode_finished_flow(stub, redis_url):
     acks = ingest(stub, pre)
     acks += ingest(stub, dec, fin)
     assert {a.seq: (a.accepted, a.rejected, a.code) for a in acks} == {1: (2, 0, 0), 2: (1, 0, 0), 3: (1, 0, 0)}
+    assert eventually(lambda: r.hget(keys.pred_key("default", "r1"), "true_len") == b"33"
+                      and r.hget(keys.pred_key("default", "r1"), "source") == b"plp")
     rec = Prediction.from_hash(r.hgetall(keys.pred_key("default", "r1")))
     assert rec.source == "plp" and rec.step == 8 and rec.p50 >= 8 and rec.true_len == 33 and rec.prompt_tokens == 10
     assert 0 < r.ttl(keys.pred_key("default", "r1")) <= keys.DEFAULT_TTL_S
@@ -190,8 +204,8 @@ def test_ingest_bad_batches_are_refused_in_ack_and_stream_continues(stub, redis_
     assert acks[5].code == 3 and "no prefill vector" in acks[5].message
     assert acks[6].code == 3 and "exceed" in acks[6].message
     r = redis.Redis.from_url(redis_url)
-    assert r.exists(keys.pred_key("default", "ok1")) and r.exists(keys.pred_key("default", "ok2"))
-    assert r.exists(keys.pred_key("default", "n2")) and not r.exists(keys.pred_key("default", "n1"))
+    assert eventually(lambda: all(r.exists(keys.pred_key("default", k)) for k in ("ok1", "ok2", "n2")))
+    assert not r.exists(keys.pred_key("default", "n1"))
 
 
 def test_ingest_garbage_bytes_on_stream(sidecar, stub):

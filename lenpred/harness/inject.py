@@ -322,7 +322,7 @@ class InjectingSidecar:
             n = len(b.prefill.rids) + len(b.decode.rids) + len(b.finished)
             try:
                 recs, fins = self.injector.batch(b)
-                await self.store.write(recs, fins)
+                await self.store.write_now(recs, fins)  # readable when the ack goes out
                 yield pb.IngestAck(seq=b.seq, accepted=n)
             except Exception as e:  # noqa: BLE001 — a bad row must not end the tap's stream
                 self.injector.stats.errors.append(repr(e))
