@@ -73,6 +73,7 @@ class ColumnarIngest:
         # rows per group: large enough to amortise per-group work, bounded so one group's
         # forward does not hold the loop for long (and device memory stays bounded)
         self.max_group_rows = max(cfg.max_batch * 8, 1)
+        self.settle_spins = 128
 
     # ------------------------------------------------------------ helpers
     def slab(self, key: tuple, dim: int) -> PromptSlab:
@@ -108,10 +109,13 @@ class ColumnarIngest:
         try:
             while self._queue:
                 # let every stream's reader queue what has already arrived: that is the batching
-                for _ in range(16):
+                # (a read takes a few loop iterations to reach the queue, so wait for it to settle)
+                still = 0
+                for _ in range(self.settle_spins):
                     n = len(self._queue)
                     await asyncio.sleep(0)
-                    if len(self._queue) == n:
+                    still = still + 1 if len(self._queue) == n else 0
+                    if still >= 12:
                         break
                 group, rows = [], 0
                 while self._queue and (not group or rows < self.max_group_rows):
@@ -267,13 +271,12 @@ class ColumnarIngest:
                     feats = {f: xd[torch.from_numpy(r)].cpu() for f, r in rows.items() if len(r) and (r >= 0).all()}
                     learn.on_prefill(key, rids, feats, pts.tolist(), caps.tolist())
                 # one forward per serving (head, feature): normally one
-                by_head: dict[int, list] = {}
-                head_of = {m.i: (m.head, m.feature) for m in pre}
-                for j, i in enumerate(mi.tolist()):
-                    if head_of[i][0] is not None:
-                        by_head.setdefault(id(head_of[i][0]), [head_of[i], []])[1].append(j)
-                for (head, feature), js in by_head.values():
-                    js = np.asarray(js)
+                by_head: dict[tuple, list] = {}
+                for m in pre:
+                    if m.head is not None:
+                        by_head.setdefault((id(m.head), m.feature), [(m.head, m.feature), []])[1].append(m.i)
+                for (head, feature), mids in by_head.values():
+                    js = np.flatnonzero(np.isin(mi, mids)) if len(by_head) > 1 or len(mids) < len(pre) else np.arange(len(rids))
                     sel = js if len(js) < len(rids) else slice(None)
                     r = rows[feature][sel]
                     pend.append(("pre", head, xd[torch.from_numpy(r)],

@@ -392,7 +392,8 @@ class LengthPredictorService:
                     def done(t, n=n):
                         tasks.discard(t)
                         self.budget.release(n)
-                        out.put_nowait(t.result())
+                        if not t.cancelled():  # cancelled: the stream or the server is going away
+                            out.put_nowait(t.result())
                     t.add_done_callback(done)
                 if tasks:
                     await asyncio.wait(tasks)

@@ -21,6 +21,7 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 DTYPES = {pb2.DTYPE_FLOAT32: torch.float32, pb2.DTYPE_FLOAT16: torch.float16, pb2.DTYPE_BFLOAT16: torch.bfloat16}
 TORCH_TO_PB = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 FEATURES = ((pb2.FEATURE_POOLED, "pooled"), (pb2.FEATURE_LAST, "last"))
 FLAG_TRUNCATED, FLAG_ABORTED = 1, 2
 I4 = np.dtype("<i4")
@@ -128,7 +129,7 @@ def decode(msg: pb2.Batch, limits: Limits = Limits()) -> Decoded:
         if not 0 < d <= MAX_DIM:
             raise WireError(f"head.hidden_size {d} out of range 1..{MAX_DIM}")
         dt = DTYPES[msg.dtype]
-        need = vec_rows * d * torch.empty((), dtype=dt).element_size()
+        need = vec_rows * d * _ITEMSIZE[dt]
         if len(msg.vectors) != need:
             raise WireError(f"vectors are {len(msg.vectors)} bytes but {vec_rows} rows x {d} need {need}")
         vectors = torch.frombuffer(msg.vectors, dtype=dt).view(vec_rows, d)
