@@ -77,6 +77,31 @@ class Prediction:
     def to_json(self) -> str:
         return json.dumps({"type": "prediction", **asdict(self)})
 
+    # The stored form written in bulk (the sidecar's write-behind): the same hash and the same event
+    # as to_hash()/to_json() of Prediction.after(...), built from plain numbers without making a
+    # Prediction per row (tests/test_predictions_stored.py checks they are identical).
+    HASH_FIELDS = ("rid", "p50", "p90", "mean", "remaining_p50", "remaining_p90", "step", "source",
+                   "head_version", "ts", "prompt_tokens")
+
+    @staticmethod
+    def stored_after(rid: str, step: int, remaining_p50: float, remaining_p90: float, remaining_mean: float,
+                     source: str, head_version: str, ts: float, prompt_tokens: int = 0,
+                     _quoted: dict = {}) -> tuple[tuple[str, ...], str]:  # noqa: B006 — a cache
+        """(hash values in HASH_FIELDS order, event JSON) of Prediction.after(...)."""
+        p50, p90, mean = step + remaining_p50, step + remaining_p90, step + remaining_mean
+        q = _quoted.get((source, head_version))
+        if q is None:
+            if len(_quoted) > 1024:
+                _quoted.clear()
+            q = _quoted[(source, head_version)] = (json.dumps(source), json.dumps(head_version))
+        vals = (rid, repr(float(p50)), repr(float(p90)), repr(float(mean)), repr(float(remaining_p50)),
+                repr(float(remaining_p90)), str(int(step)), source, head_version, repr(float(ts)), str(int(prompt_tokens)))
+        js = (f'{{"type": "prediction", "rid": {json.dumps(rid)}, "p50": {vals[1]}, "p90": {vals[2]}, '
+              f'"mean": {vals[3]}, "remaining_p50": {vals[4]}, "remaining_p90": {vals[5]}, "step": {vals[6]}, '
+              f'"source": {q[0]}, "head_version": {q[1]}, "ts": {vals[9]}, "prompt_tokens": {vals[10]}, '
+              f'"true_len": -1}}')
+        return vals, js
+
 
 @functools.lru_cache(maxsize=64)
 def quantile_factor(q: float) -> float:
