@@ -164,9 +164,13 @@ class ColumnarIngest:
                 total[i] = dec.rows
                 # bindings in message order, before anything reads them
                 if len(dec.bind_handles):
-                    if len(st.rids) + len(dec.bind_handles) > cfg.max_stream_handles:
-                        raise BadInput(f"more than {cfg.max_stream_handles} live handles on this stream")
                     st.rids.update(zip(dec.bind_handles.tolist(), dec.bind_rids))
+                    # bounded: a sender that never finishes its requests loses its oldest bindings
+                    # (their later rows are refused as unbound), it is not refused new ones
+                    over = len(st.rids) - cfg.max_stream_handles
+                    if over > 0:
+                        for h in list(itertools.islice(st.rids, over)):
+                            del st.rids[h]
                 key = (msg.head.model_id, msg.head.hidden_size, msg.head.layer)
                 learn = svc.learning.recorder if svc.learning and svc.learning.recorder.wants(key) else None
                 pair = svc._select(msg.head, missing_ok=learn is not None) if (dec.n_prefill or dec.n_decode) else None

@@ -11,6 +11,7 @@ the sidecar answers UNIMPLEMENTED, i.e. it predates v2).
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -36,9 +37,12 @@ class V2Encoder:
     """Encodes v1 batches as v2 for ONE stream: make a new encoder for every new stream (the
     sidecar's handle -> rid map lives and dies with the stream)."""
 
-    def __init__(self):
+    def __init__(self, max_handles: int = 262144):
         self.handles: dict[str, int] = {}
         self._next = 0
+        # the sidecar keeps at most this many bindings per stream (SidecarConfig.max_stream_handles);
+        # a request whose binding is dropped here is simply bound again on its next row
+        self.max_handles = max_handles
 
     def _handles(self, rids, bh: list, br: list) -> list[int]:
         out = []
@@ -91,4 +95,8 @@ class V2Encoder:
         msg.dtype = dtype
         for f in fins:  # the sidecar releases a handle with its finished row
             self.handles.pop(f.rid, None)
+        over = len(self.handles) - self.max_handles
+        if over > 0:  # requests that never finished (no event): forget the oldest bindings
+            for rid in list(itertools.islice(self.handles, over)):
+                del self.handles[rid]
         return msg

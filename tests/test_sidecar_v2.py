@@ -313,3 +313,21 @@ def test_write_behind_keeps_acks_flowing_while_redis_is_frozen(heads_dir):
             pass
         s.stop()
         own.stop()
+
+
+def test_stream_handles_are_bounded_oldest_dropped(heads_dir, redis_url):
+    s = start(heads_dir, redis_url, max_stream_handles=8)
+    try:
+        a, b = list(range(6)), list(range(6, 12))
+        pre = wire_v2.encode(HEAD2, 1, binds=(a, [f"b{h}" for h in a]), prefill_handles=a, prefill={"pooled": vecs(6)})
+        pre2 = wire_v2.encode(HEAD2, 4, binds=(b, [f"b{h}" for h in b]), prefill_handles=b, prefill={"pooled": vecs(6)})
+        old = wire_v2.encode(HEAD2, 2, decode_handles=[0], decode_steps=[4], decode=vecs(1))   # dropped binding
+        new = wire_v2.encode(HEAD2, 3, decode_handles=[11], decode_steps=[4], decode=vecs(1))  # kept
+        ch, call = v2_call(s.target)
+        acks = {a.seq: a for a in call(iter([pre, pre2, old, new]), timeout=10)}  # one stream, one handle map
+        ch.close()
+        assert acks[1].code == 0 and acks[4].code == 0  # 12 bindings, 8 kept: the oldest 4 dropped
+        assert acks[2].rejected == 1 and "unbound" in acks[2].message
+        assert acks[3].code == 0
+    finally:
+        s.stop()
