@@ -158,28 +158,33 @@ class PredictionStore:
         if not batch and not fins:
             return
         self.in_flight = len(batch) + len(fins)  # at most max_pending + max_finished_pending more
+        # predictions: HSET + EXPIRE + PUBLISH per request inside one server-side script call per
+        # chunk (one command, one reply): redis-py packs 3 commands per record at ~85 µs, this is
+        # ~20 µs per record, measured (docs/RESULTS.md, sidecar line rate). Built outside the
+        # retry below: a record that cannot be encoded is a bug, and the flusher dies saying so
+        # instead of retrying it forever.
+        chan = keys.events_channel(self.ns)
+        prefix = keys.pred_key(self.ns, "")
+        calls: list[list] = []
+        args: list = [self.ttl_s, chan]
+        for rid, rec in batch.items():
+            if isinstance(rec, Prediction):
+                h = rec.to_hash()
+                vals, js = tuple(h[f] for f in Prediction.HASH_FIELDS), rec.to_json()
+            else:
+                vals, js = Prediction.stored_after(rid, *rec)
+            args.append(prefix + rid)
+            args.extend(vals)
+            args.append(js)
+            if len(args) >= 2 + _ARGS_PER_RECORD * _RECORDS_PER_CALL:
+                calls.append(args)
+                args = [self.ttl_s, chan]
+        if len(args) > 2:
+            calls.append(args)
         try:
             pipe = self.r.pipeline(transaction=False)
-            chan = keys.events_channel(self.ns)
-            # predictions: HSET + EXPIRE + PUBLISH per request inside one server-side script call
-            # per chunk (one command, one reply): redis-py packs ~3 commands per record at ~85 µs,
-            # this is ~10 µs per record, measured (docs/RESULTS.md, sidecar line rate)
-            prefix = keys.pred_key(self.ns, "")
-            args: list = [self.ttl_s, chan]
-            for rid, rec in batch.items():
-                if isinstance(rec, Prediction):
-                    h = rec.to_hash()
-                    vals, js = tuple(h[f] for f in Prediction.HASH_FIELDS), rec.to_json()
-                else:
-                    vals, js = Prediction.stored_after(rid, *rec)
-                args.append(prefix + rid)
-                args.extend(vals)
-                args.append(js)
-                if len(args) >= 2 + _ARGS_PER_RECORD * _RECORDS_PER_CALL:
-                    await self._script(args=args, client=pipe)  # queued in the pipeline
-                    args = [self.ttl_s, chan]
-            if len(args) > 2:
-                await self._script(args=args, client=pipe)  # queued in the pipeline
+            for a in calls:
+                await self._script(args=a, client=pipe)  # queued in the pipeline, sent below
             for f in fins:
                 k = keys.pred_key(self.ns, f["rid"])
                 pipe.hset(k, "true_len", f["output_tokens"])

@@ -331,3 +331,25 @@ def test_stream_handles_are_bounded_oldest_dropped(heads_dir, redis_url):
         assert acks[3].code == 0
     finally:
         s.stop()
+
+
+def test_a_dead_flusher_says_so(heads_dir, redis_url):
+    """A record the write-behind cannot encode is a bug: the flusher dies and says so (log, metric,
+    gRPC health `lenpred.store`), while ingest and acks go on."""
+    import httpx
+
+    s = start(heads_dir, redis_url, metrics_port=0)
+    try:
+        store = s.running.service.store
+        s.loop.call_soon_threadsafe(store.put, "bad", ("not", "a", "record"))
+        assert wait(lambda: not store.alive, 5) and store.flusher_error
+        ch = grpc.insecure_channel(s.target)
+        st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="lenpred.store"), timeout=5)
+        assert st.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        ch.close()
+        body = httpx.get(f"http://127.0.0.1:{s.running.metrics_port}/metrics", timeout=5).text
+        assert "lenpred_sidecar_store_flusher_alive 0.0" in body
+        assert ingest2(s.target, wire_v2.encode(HEAD2, 1, binds=([0], ["still"]), prefill_handles=[0],
+                                                prefill={"pooled": vecs(1)}))[1].accepted == 1
+    finally:
+        s.stop()

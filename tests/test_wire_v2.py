@@ -71,3 +71,14 @@ def test_malformed_is_refused_with_reason(name, mutate, reason):
     raw = pb2.Batch.FromString(m.SerializeToString())
     with pytest.raises(wire_v2.WireError, match=reason):
         wire_v2.decode(raw, wire_v2.Limits(max_rows=100, max_rid_bytes=256))
+
+
+def test_generated_v2_stubs_are_up_to_date(tmp_path):
+    import pathlib
+
+    from lenpred.proto import gen
+
+    gen.generate(tmp_path, "v2")
+    committed = pathlib.Path(gen.__file__).parent / "v2"
+    for name in gen.GENERATED:
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), f"{name} is stale: run python proto/gen.py"
