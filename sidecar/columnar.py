@@ -97,13 +97,17 @@ class ColumnarIngest:
         """Queue one message; messages queued together (all streams) are processed as ONE group:
         one device copy, one NaN check, one slab write/read and one forward per head for the
         whole group, so the per-message cost is a little numpy and a little Python."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queue.append((st, msg, fut))
+        fut = asyncio.get_running_loop().create_future()
+        self.submit(st, msg, fut.set_result)
+        return await fut
+
+    def submit(self, st: StreamState, msg, on_ack) -> None:
+        """Queue one message; `on_ack(ack)` is called once it is processed (no task per message:
+        the Ingest stream calls this straight from its reader)."""
+        self._queue.append((st, msg, on_ack))
         if not self._draining:
             self._draining = True
-            loop.create_task(self._drain())
-        return await fut
+            asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         try:
@@ -129,9 +133,11 @@ class ColumnarIngest:
                     log.exception("v2 ingest group failed")
                     acks = [pb2.Ack(seq=getattr(m, "seq", 0), code=13, message=f"internal error: {type(e).__name__}: {e}")
                             for _, m, _ in group]
-                for (_, _, fut), ack in zip(group, acks):
-                    if not fut.done():
-                        fut.set_result(ack)
+                for (_, _, on_ack), ack in zip(group, acks):
+                    try:
+                        on_ack(ack)
+                    except asyncio.InvalidStateError:  # the caller went away (cancelled)
+                        pass
         finally:
             self._draining = False
 

@@ -368,10 +368,10 @@ class LengthPredictorService:
     async def IngestV2(self, request_iterator, context):
         """lenpred.v2 (columnar) stream: handle bindings live as long as the stream."""
         st = StreamState()
-        async for ack in self._stream(request_iterator, lambda b: self.columnar.ingest(st, b)):
+        async for ack in self._stream(request_iterator, submit=lambda b, cb: self.columnar.submit(st, b, cb)):
             yield ack
 
-    async def _stream(self, request_iterator, process):
+    async def _stream(self, request_iterator, process=None, submit=None):
         """Batches are processed concurrently (so rows of many steps share micro-batches); each
         gets its ack as soon as it is done. Prompt vectors are stored before any await, so a
         decode row never overtakes its own prefill. The bytes being processed are bounded across
@@ -382,10 +382,24 @@ class LengthPredictorService:
 
         async def reader():
             tasks = set()
+            left = [0]  # messages submitted and not acked yet (submit path)
+            drained = asyncio.Event()
+
+            def acked(ack, n):
+                self.budget.release(n)
+                out.put_nowait(ack)
+                left[0] -= 1
+                if left[0] == 0:
+                    drained.set()
             try:
                 async for b in request_iterator:
                     n = b.ByteSize() if not isinstance(b, _Unparsed) else 0
                     await self.budget.acquire(n)
+                    if submit is not None:  # v2: straight into the group queue, no task per message
+                        left[0] += 1
+                        drained.clear()
+                        submit(b, lambda ack, n=n: acked(ack, n))
+                        continue
                     t = asyncio.create_task(process(b))
                     tasks.add(t)
 
@@ -397,6 +411,8 @@ class LengthPredictorService:
                     t.add_done_callback(done)
                 if tasks:
                     await asyncio.wait(tasks)
+                if left[0]:
+                    await drained.wait()
             finally:
                 out.put_nowait(None)
 
