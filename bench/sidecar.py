@@ -172,7 +172,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--processes", type=int, default=1, help="sidecar (and no-op) processes on the port")
     ap.add_argument("--redis", action="store_true", help="end to end: a real Redis, predictions counted in it")
     ap.add_argument("--rows", type=int, default=32, help="prefill rows (and decode rows) per message")
-    ap.add_argument("--window", type=int, default=8, help="messages in flight per stream")
+    ap.add_argument("--window", type=int, default=None,
+                    help="messages in flight per stream (default 8; a matrix: 16, as a tap streams without "
+                         "waiting for acks)")
     ap.add_argument("--seconds", type=float, default=6.0, help="measured seconds per run (each row runs twice: "
                     "no-op and sidecar)")
     ap.add_argument("--max-batch", type=int, default=256)
@@ -182,6 +184,8 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = pick_device(a.device)
+    if a.window is None:
+        a.window = 16 if a.matrix else 8
     if a.matrix:
         m = MATRICES[a.matrix]
         d, rows, groups = a.hidden or m["hidden"], m["rows"], m["groups"]
