@@ -337,13 +337,18 @@ def case_long_rid(stub, r):
     assert not r.exists(keys.pred_key("default", rid))
 
 
-NEEDS_RATE = pytest.mark.xfail(not hasattr(SidecarConfig(), "max_output_tokens"), strict=True,
-                               reason="needs branch rate bounds (finished clamp, non-finite outputs, rid length)")
+def _needs_rate(attr: str | None):
+    """xfail(strict) until branch rate's bound is merged; keyed on its config field when it has one,
+    so the case flips to a plain test by itself. No field (non-finite head outputs): flip by hand."""
+    missing = True if attr is None else not hasattr(SidecarConfig(), attr)
+    return pytest.mark.xfail(missing, strict=True, reason=f"needs branch rate bounds ({attr or 'non-finite head outputs'})")
+
+
 BAD_GRPC = [
-    pytest.param(case_fake_finished, id="23100-fake-finished-4e9-tokens", marks=NEEDS_RATE),
-    pytest.param(case_huge_finite_vectors_ingest, id="finite-3e38-vectors-ingest", marks=NEEDS_RATE),
-    pytest.param(case_huge_finite_vectors_predict, id="finite-3e38-vectors-predict", marks=NEEDS_RATE),
-    pytest.param(case_long_rid, id="64KiB-rid", marks=NEEDS_RATE),
+    pytest.param(case_fake_finished, id="23100-fake-finished-4e9-tokens", marks=_needs_rate("max_output_tokens")),
+    pytest.param(case_huge_finite_vectors_ingest, id="finite-3e38-vectors-ingest", marks=_needs_rate(None)),
+    pytest.param(case_huge_finite_vectors_predict, id="finite-3e38-vectors-predict", marks=_needs_rate(None)),
+    pytest.param(case_long_rid, id="64KiB-rid", marks=_needs_rate("max_rid_bytes")),
 ]
 
 

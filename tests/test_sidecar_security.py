@@ -21,7 +21,6 @@ from lenpred.harness.redisproc import RedisServer, free_port
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 from lenpred.sidecar.server import SidecarConfig
-from lenpred.sidecar.store import PredictionStore
 from lenpred.tap.config import TapConfig
 from lenpred.tap.core import Tap
 from lenpred.tap.sender import TapSender
@@ -285,20 +284,32 @@ def test_redis_unreachable_at_start_is_only_a_warning():
     assert why and "not reachable" in why
 
 
+def _predict_and_store(sc: SidecarThread, rid: str) -> None:
+    """Predict with a rid: the sidecar answers, and writes the prediction to Redis (if it can)."""
+    with open_channel(sc.target) as ch:
+        req = pb.PredictRequest(head=HEAD, prompt_vectors=wire.encode(torch.randn(1, D)), rids=[rid])
+        assert len(pb_grpc.LengthPredictorStub(ch).Predict(req, timeout=10).predictions) == 1
+
+
 @pytest.mark.parametrize("password,stored", [(PASSWORD, True), ("wrong-pass", False), (None, False)],
                          ids=["right", "wrong", "missing"])
-async def test_store_uses_the_password_from_the_environment(auth_redis, monkeypatch, password, stored):
+def test_sidecar_store_uses_the_password_from_the_environment(auth_redis, heads_dir, monkeypatch, password, stored):
+    """Through the sidecar's public behaviour: with the right LENPRED_REDIS_PASSWORD predictions
+    land in Redis; with a wrong one they are still answered, just not stored."""
     if password:
         monkeypatch.setenv("LENPRED_REDIS_PASSWORD", password)
     else:
         monkeypatch.delenv("LENPRED_REDIS_PASSWORD", raising=False)
-    store = PredictionStore(auth_redis.url)
-    rec = Prediction.after("auth-" + str(password), 0, 10.0, 20.0, 12.0, source="egtp", head_version="t", ts=1.0)
+    sc = SidecarThread(SidecarConfig(port=0, heads=[str(heads_dir)], device="cpu", redis_url=auth_redis.url))
+    rid = f"auth-{password}"
     try:
-        assert await store.write([rec], []) is stored
-        assert store.errors == (0 if stored else 1)
+        _predict_and_store(sc, rid)
+        r = redis.Redis.from_url(auth_redis.url, password=PASSWORD)
+        key = keys.pred_key("default", rid)
+        assert _wait(lambda: r.exists(key), timeout=5 if stored else 1.5) is stored
+        _predict_and_store(sc, rid + "-again")  # still serving
     finally:
-        await store.close()
+        sc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -312,25 +323,24 @@ def tls_redis(pki):
     srv.stop()
 
 
-async def test_store_writes_over_rediss_with_ca_file(pki, tls_redis, monkeypatch):
-    """rediss:// + LENPRED_REDIS_CA_FILE + LENPRED_REDIS_PASSWORD: the sidecar's store over TLS."""
+def test_sidecar_writes_over_rediss_with_ca_file(pki, tls_redis, heads_dir, monkeypatch):
+    """rediss:// + LENPRED_REDIS_CA_FILE + LENPRED_REDIS_PASSWORD: the sidecar's writes over TLS."""
     assert tls_redis.url.startswith("rediss://")
     monkeypatch.setenv("LENPRED_REDIS_PASSWORD", PASSWORD)
     monkeypatch.setenv("LENPRED_REDIS_CA_FILE", str(pki["ca"]))
     assert redisconf.check_auth(tls_redis.url) is None
-    store = PredictionStore(tls_redis.url)
-    rec = Prediction.after("over-tls", 0, 10.0, 20.0, 12.0, source="egtp", head_version="t", ts=1.0)
-    try:
-        assert await store.write([rec], [{"rid": "over-tls", "output_tokens": 5, "prompt_tokens": 3,
-                                          "truncated": 0, "aborted": 0, "p50": 10.0, "p90": 20.0}])
-    finally:
-        await store.close()
     r = redis.Redis.from_url(tls_redis.url, password=PASSWORD, ssl_ca_certs=str(pki["ca"]))
-    assert r.hget(keys.pred_key("default", "over-tls"), "true_len") == b"5"
-    monkeypatch.delenv("LENPRED_REDIS_CA_FILE")  # without the CA the server is not trusted: refused, soft
-    store = PredictionStore(tls_redis.url)
+    sc = SidecarThread(SidecarConfig(port=0, heads=[str(heads_dir)], device="cpu", redis_url=tls_redis.url))
     try:
-        assert not await store.write([rec], [])
+        _predict_and_store(sc, "over-tls")
+        assert _wait(lambda: r.exists(keys.pred_key("default", "over-tls")), timeout=5)
     finally:
-        await store.close()
-
+        sc.stop()
+    monkeypatch.delenv("LENPRED_REDIS_CA_FILE")  # without the CA the server is not trusted: not stored
+    assert "not reachable" in redisconf.check_auth(tls_redis.url, timeout_s=1)
+    sc = SidecarThread(SidecarConfig(port=0, heads=[str(heads_dir)], device="cpu", redis_url=tls_redis.url))
+    try:
+        _predict_and_store(sc, "untrusted")
+        assert not _wait(lambda: r.exists(keys.pred_key("default", "untrusted")), timeout=1.5)
+    finally:
+        sc.stop()
