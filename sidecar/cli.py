@@ -7,7 +7,9 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 
+from lenpred.contract import grpctls, redisconf
 from lenpred.sidecar.server import SidecarConfig, serve
 
 
@@ -35,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learn-config", default=None,
                    help="JSON object of learning settings (lenpred.sidecar.learn.LearnConfig), e.g. "
                         "'{\"min_finished\": 500, \"retrain_every\": 500}'")
+    p.add_argument("--tls-cert", default=None, help="TLS on the gRPC port: PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="mTLS: require client certificates signed by this PEM CA bundle")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -50,8 +56,16 @@ def config_from_args(a: argparse.Namespace) -> SidecarConfig:
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = config_from_args(a)
+    try:  # configuration that cannot work stops the start with its reason (exit 2)
+        grpctls.ServerTLS(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca).check()
+        if cfg.redis_url and (why := redisconf.check_auth(cfg.redis_url)):
+            logging.getLogger("lenpred.sidecar").warning("%s", why)
+    except (grpctls.TLSConfigError, redisconf.RedisAuthError, ValueError) as e:
+        print(f"lenpred sidecar: error: {e}", file=sys.stderr)
+        return 2
     try:
-        asyncio.run(serve(config_from_args(a)))
+        asyncio.run(serve(cfg))
     except KeyboardInterrupt:
         pass
     return 0

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from lenpred.contract import keys, wire
+from lenpred.contract import grpctls, keys, wire
 from lenpred.contract.prediction import Prediction
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.sidecar.batcher import MicroBatcher
@@ -68,6 +68,12 @@ class SidecarConfig:
     """Prompt vectors kept per rid for PLP ([h_prompt ; h_t]) until the request finishes."""
     learn: dict | None = None
     """Online learning (lenpred.sidecar.learn.LearnConfig fields, at least "dir"); None = off."""
+    tls_cert: str | None = None
+    """TLS: PEM certificate chain of the gRPC port (with tls_key); None = plaintext."""
+    tls_key: str | None = None
+    """TLS: PEM private key of tls_cert."""
+    tls_client_ca: str | None = None
+    """mTLS: PEM CA bundle; clients must present a certificate it signed (lenpred/contract/grpctls.py)."""
 
 
 class BadInput(ValueError):
@@ -466,7 +472,8 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
     health_pb2_grpc.add_HealthServicer_to_server(health_svc, server)
     reflection.enable_server_reflection(
         (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    tls = grpctls.ServerTLS(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+    port = grpctls.bind(server, f"{cfg.host}:{cfg.port}", tls)  # TLS / mTLS when configured
     if port == 0:
         raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
     await server.start()
@@ -479,7 +486,8 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
     if cfg.metrics_port is not None:
         msrv, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
         mport = msrv.server_port
-    log.info("sidecar on %s:%d (device %s, heads: %s)", cfg.host, port, registry.device, registry.describe())
+    log.info("sidecar on %s:%d (%s; device %s, heads: %s)", cfg.host, port,
+             "mTLS" if tls.client_ca else "TLS" if tls.enabled else "plaintext", registry.device, registry.describe())
     return RunningSidecar(server, port, svc, mport, msrv)
 
 

@@ -11,6 +11,7 @@ import time
 import redis.asyncio as aioredis
 
 from lenpred.contract import keys
+from lenpred.contract.redisconf import client_kwargs
 from lenpred.contract.prediction import Prediction
 
 log = logging.getLogger("lenpred.sidecar")
@@ -24,7 +25,8 @@ class PredictionStore:
         self.finished_maxlen = finished_maxlen
         self.errors = 0
         self._last_log = 0.0
-        self.r = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
+        # client_kwargs: LENPRED_REDIS_PASSWORD (AUTH) and LENPRED_REDIS_CA_FILE (rediss://), as everywhere
+        self.r = aioredis.Redis.from_url(url, **client_kwargs(url), socket_timeout=0.5, socket_connect_timeout=0.5,
                                          health_check_interval=10) if url else None
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from lenpred.contract.grpctls import ClientTLS, open_channel
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 
@@ -41,8 +42,9 @@ class SenderStats:
 class TapSender:
     def __init__(self, target: str, *, engine_id: str = "", max_queue: int = 1024,
                  backoff_initial_s: float = 0.2, backoff_max_s: float = 5.0,
-                 max_message_bytes: int = 64 << 20):
+                 max_message_bytes: int = 64 << 20, tls: ClientTLS | None = None):
         self.target = target
+        self.tls = tls  # None / off = plaintext
         self.engine_id = engine_id
         self.stats = SenderStats()
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -120,8 +122,9 @@ class TapSender:
         while not self._stop.is_set():
             inflight: dict[int, int] = {}
             dead = threading.Event()
-            channel = grpc.insecure_channel(self.target, options=opts)
+            channel = None
             try:
+                channel = open_channel(self.target, self.tls, opts)  # re-reads cert files: renewals apply
                 grpc.channel_ready_future(channel).result(timeout=delay * 5)
                 stub = pb_grpc.LengthPredictorStub(channel)
                 self.stats.connected = True
@@ -143,7 +146,8 @@ class TapSender:
                 self.stats.connected = False
                 with self._lock:
                     self.stats.lost += sum(inflight.values())
-                channel.close()
+                if channel is not None:
+                    channel.close()
             if self._stop.is_set():
                 break
             self.stats.reconnects += 1
