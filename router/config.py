@@ -116,7 +116,7 @@ class QueueSettings(_Strict):
 
 class ReplicaSettings(_Strict):
     poll_interval_s: float = Field(0.5, gt=0, le=3600)
-    """How often each replica's /health and /v1/loads are polled."""
+    """How often each replica's /v1/loads is polled (its liveness check and its load report)."""
     timeout_s: float = Field(1.0, gt=0, le=60)
     """Deadline of each poll request (SGLang answers both in milliseconds; a frozen engine never)."""
     unhealthy_after: int = Field(2, ge=1)

@@ -161,11 +161,11 @@ class ReplicaPool:
     async def _poll(self, r: Replica) -> None:
         timeout = self._settings().timeout_s
         seq = self._seq   # what was dispatched before this poll is (mostly) in its report
+        # /v1/loads alone is the liveness check: SGLang answers it with a round trip to its
+        # scheduler (a frozen or dead engine fails it), while SGLang's /health runs a 1-token
+        # generation and always waits >= 1 s before answering, so with a 1 s deadline it failed at
+        # random and under real load it ejected busy replicas (docs/results/schedule_gpu.md).
         try:
-            health = await self.client.get(f"{r.name}/health", timeout=timeout)
-            if health.status_code != 200:
-                raise httpx.HTTPStatusError(f"/health returned {health.status_code}", request=health.request,
-                                            response=health)
             loads = await self.client.get(f"{r.name}/v1/loads", params={"include": "core"}, timeout=timeout)
             loads.raise_for_status()
             r.load, r.load_seq = parse_v1_loads(loads.json()), seq

@@ -7,7 +7,9 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 
+from lenpred.contract import grpctls, redisconf
 from lenpred.sidecar.multiproc import default_processes, run_processes
 from lenpred.sidecar.server import SidecarConfig, serve
 
@@ -52,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-max-pending", type=int, default=d.store_max_pending,
                    help="Redis write-behind: requests waiting to be written (newest per request; oldest dropped)")
     p.add_argument("--slab-slots", type=int, default=d.slab_slots, help="v2: prompt vectors kept on the device")
+    p.add_argument("--tls-cert", default=None, help="TLS on the gRPC port: PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="mTLS: require client certificates signed by this PEM CA bundle")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -68,6 +74,13 @@ def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config_from_args(a)
+    try:  # configuration that cannot work stops the start with its reason (exit 2)
+        grpctls.ServerTLS(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca).check()
+        if cfg.redis_url and (why := redisconf.check_auth(cfg.redis_url)):
+            logging.getLogger("lenpred.sidecar").warning("%s", why)
+    except (grpctls.TLSConfigError, redisconf.RedisAuthError, ValueError) as e:
+        print(f"lenpred sidecar: error: {e}", file=sys.stderr)
+        return 2
     n = default_processes(cfg.device) if a.processes == "auto" else int(a.processes)
     if n < 1:
         raise SystemExit("--processes must be >= 1 or auto")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from lenpred.contract import keys, wire
+from lenpred.contract import grpctls, keys, wire
 from lenpred.contract.prediction import Prediction
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v2 import lenpred_pb2 as pb2
@@ -96,6 +97,14 @@ class SidecarConfig:
     """Serve lenpred.v2 (columnar Ingest) next to v1; off = a v1-only sidecar (rollout tests)."""
     reuse_port: bool = False
     """SO_REUSEPORT on the gRPC port (set by `--processes N`: N servers share one port)."""
+    tls_cert: str | None = None
+    """TLS: PEM certificate chain of the gRPC port (with tls_key); None = plaintext."""
+    tls_key: str | None = None
+    """TLS: PEM private key of tls_cert."""
+    tls_client_ca: str | None = None
+    """mTLS: PEM CA bundle; clients must present a certificate it signed (lenpred/contract/grpctls.py)."""
+
+
 
 
 class _Unparsed:
@@ -212,6 +221,8 @@ class LengthPredictorService:
         recs = []
         for i, rid in enumerate(rids):
             p50, p90 = float(out["p50"][i]), float(out["p90"][i])
+            if not (math.isfinite(p50) and math.isfinite(p90) and math.isfinite(float(out["mean"][i]))):
+                continue  # a finite input out of range (3e38) overflows the head: refused, never stored
             recs.append(Prediction.after(
                 rid, 0, p50, p90, float(out["mean"][i]), source=src, head_version=ver, ts=now,
                 prompt_tokens=int(prompt_tokens[i]) if prompt_tokens else 0))
@@ -225,6 +236,8 @@ class LengthPredictorService:
         for i, rid in enumerate(rids):
             s = int(steps[i])
             r50, r90 = float(out["p50"][i]), float(out["p90"][i])
+            if not (math.isfinite(r50) and math.isfinite(r90) and math.isfinite(float(out["mean"][i]))):
+                continue  # refused, never stored (see _prefill)
             recs.append(Prediction.after(
                 rid, s, r50, r90, float(out["mean"][i]), source="plp", head_version=ver, ts=now,
                 prompt_tokens=int(prompt_tokens[i]) if prompt_tokens else 0))
@@ -286,6 +299,10 @@ class LengthPredictorService:
                         learn.on_prefill(key, rids, {k: x[idx] for k, x in feats.items()}, pts,
                                          [caps[i] for i in idx] if caps else None)
                     recs = await self._prefill(head, rids, feats[feature][idx], pts) if head else []
+                    if head and len(recs) < len(rids):
+                        rejected += len(rids) - len(recs)
+                        notes.append(f"{len(rids) - len(recs)} row(s) refused: the head's output is not finite "
+                                     "(input out of range)")
                     if learn and recs:
                         learn.on_served(key, rids, [(r.mean, r.p90, r.head_version) for r in recs])
                     for r in recs:
@@ -317,7 +334,12 @@ class LengthPredictorService:
                         # read the prompt state now: a finished event may pop it during the await
                         hp = torch.stack([self.prompts[r].vecs[pf] for r in rids])
                         pts = [self.prompts[r].prompt_tokens for r in rids]
-                        records += await self._plp(pair, rids, hp, x[idx], [b.decode.steps[i] for i in idx], pts)
+                        recs = await self._plp(pair, rids, hp, x[idx], [b.decode.steps[i] for i in idx], pts)
+                        if len(recs) < len(rids):
+                            rejected += len(rids) - len(recs)
+                            notes.append(f"{len(rids) - len(recs)} row(s) refused: the head's output is not finite "
+                                         "(input out of range)")
+                        records += recs
             finished = [self._finish(f) for f in b.finished]
             if learn:
                 for f in b.finished:
@@ -460,6 +482,8 @@ class LengthPredictorService:
                 if head is None:
                     raise BadInput(f"no {'last-token' if feature == 'last' else 'EGTP'} head loaded for this model")
                 recs = await self._prefill(head, rids, x, None)
+            if len(recs) < n:
+                raise BadInput(f"the head's output is not finite for {n - len(recs)} vector(s): input out of range")
             if req.rids:
                 await self.store.write(recs, [])
             self.m.predict.labels("OK").inc()
@@ -610,7 +634,8 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
     health_pb2_grpc.add_HealthServicer_to_server(health_svc, server)
     reflection.enable_server_reflection(
         (SERVICE, SERVICE_V2, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    tls = grpctls.ServerTLS(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+    port = grpctls.bind(server, f"{cfg.host}:{cfg.port}", tls)  # TLS / mTLS when configured
     if port == 0:
         raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
     await server.start()
@@ -629,7 +654,8 @@ async def start(cfg: SidecarConfig) -> RunningSidecar:
     if cfg.metrics_port is not None:
         msrv, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=metrics.registry)
         mport = msrv.server_port
-    log.info("sidecar on %s:%d (device %s, heads: %s)", cfg.host, port, registry.device, registry.describe())
+    log.info("sidecar on %s:%d (%s; device %s, heads: %s)", cfg.host, port,
+             "mTLS" if tls.client_ca else "TLS" if tls.enabled else "plaintext", registry.device, registry.describe())
     return RunningSidecar(server, port, svc, mport, msrv)
 
 

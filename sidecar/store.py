@@ -20,6 +20,7 @@ import time
 import redis.asyncio as aioredis
 
 from lenpred.contract import keys
+from lenpred.contract.redisconf import client_kwargs
 from lenpred.contract.prediction import Prediction
 
 log = logging.getLogger("lenpred.sidecar")
@@ -49,7 +50,9 @@ class PredictionStore:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._timeout = op_timeout_s
-        self.r = aioredis.Redis.from_url(url, socket_timeout=op_timeout_s, socket_connect_timeout=op_timeout_s,
+        # client_kwargs: LENPRED_REDIS_PASSWORD (AUTH) and LENPRED_REDIS_CA_FILE (rediss://), as everywhere
+        self.r = aioredis.Redis.from_url(url, **client_kwargs(url), socket_timeout=op_timeout_s,
+                                         socket_connect_timeout=op_timeout_s,
                                          health_check_interval=10) if url else None
         self._script = self.r.register_script(_WRITE_PREDICTIONS) if self.r is not None else None
 

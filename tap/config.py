@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from lenpred.contract.grpctls import ClientTLS
+
 
 @dataclass(frozen=True)
 class TapConfig:
@@ -41,6 +43,20 @@ class TapConfig:
     prefix_block: int = 32
     """LENPRED_TAP_PREFIX_BLOCK: tokens per stored block; a cache hit restores whole blocks, so at
     most block-1 tokens of a cached prefix are left out of the pool."""
+    tls_ca: str = ""
+    """LENPRED_SIDECAR_TLS_CA: CA bundle (path) that verifies the sidecar; set = TLS on the stream."""
+    tls_server_name: str = ""
+    """LENPRED_SIDECAR_TLS_SERVER_NAME: name expected in the sidecar's certificate (default: the
+    host of LENPRED_SIDECAR)."""
+    tls_cert: str = ""
+    """LENPRED_SIDECAR_TLS_CERT: client certificate (path) for mTLS; with LENPRED_SIDECAR_TLS_KEY."""
+    tls_key: str = ""
+    """LENPRED_SIDECAR_TLS_KEY: the client certificate's private key (path)."""
+
+    @property
+    def tls(self) -> ClientTLS:
+        """The stream's TLS settings (lenpred/contract/grpctls.py); off when none is set."""
+        return ClientTLS(self.tls_ca, self.tls_server_name, self.tls_cert, self.tls_key)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "TapConfig":
@@ -50,7 +66,9 @@ class TapConfig:
                  "layer": "LENPRED_TAP_LAYER", "tau": "LENPRED_TAP_TAU", "model_id": "LENPRED_MODEL_ID",
                  "queue": "LENPRED_TAP_QUEUE", "dtype": "LENPRED_TAP_DTYPE",
                  "prefix_store_tokens": "LENPRED_TAP_PREFIX_TOKENS",
-                 "entropy_vocab": "LENPRED_TAP_ENTROPY_VOCAB", "prefix_block": "LENPRED_TAP_PREFIX_BLOCK"}
+                 "entropy_vocab": "LENPRED_TAP_ENTROPY_VOCAB", "prefix_block": "LENPRED_TAP_PREFIX_BLOCK",
+                 "tls_ca": "LENPRED_SIDECAR_TLS_CA", "tls_server_name": "LENPRED_SIDECAR_TLS_SERVER_NAME",
+                 "tls_cert": "LENPRED_SIDECAR_TLS_CERT", "tls_key": "LENPRED_SIDECAR_TLS_KEY"}
         for f in fields(cls):
             raw = env.get(names[f.name])
             if raw is None or raw == "":
@@ -72,4 +90,6 @@ class TapConfig:
             raise ValueError(f"LENPRED_TAP_EVERY must be >= 1, got {cfg.every}")
         if cfg.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"LENPRED_TAP_DTYPE must be float32, float16 or bfloat16, got {cfg.dtype!r}")
+        if cfg.enabled:
+            cfg.tls.check()  # missing / unreadable / non-PEM files: TLSConfigError (a ValueError) naming the path
         return cfg

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from lenpred.contract.grpctls import ClientTLS, open_channel
 from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 from lenpred.proto.v2 import lenpred_pb2 as pb2
@@ -49,8 +50,9 @@ class SenderStats:
 class TapSender:
     def __init__(self, target: str, *, engine_id: str = "", max_queue: int = 1024,
                  backoff_initial_s: float = 0.2, backoff_max_s: float = 5.0,
-                 max_message_bytes: int = 64 << 20, wire: str | None = None):
+                 max_message_bytes: int = 64 << 20, tls: ClientTLS | None = None, wire: str | None = None):
         self.target = target
+        self.tls = tls  # None / off = plaintext
         self.engine_id = engine_id
         self.stats = SenderStats()
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -135,10 +137,11 @@ class TapSender:
         while not self._stop.is_set():
             inflight: dict[int, pb.IngestBatch] = {}
             dead = threading.Event()
-            channel = grpc.insecure_channel(self.target, options=opts)
+            channel = None
             v2 = self.wire == "v2" or (self.wire == "auto" and not self._fallback_v1)
             unimplemented = False
             try:
+                channel = open_channel(self.target, self.tls, opts)  # re-reads cert files: renewals apply
                 grpc.channel_ready_future(channel).result(timeout=delay * 5)
                 self.stats.connected = True
                 self.stats.wire = "v2" if v2 else "v1"
@@ -177,7 +180,8 @@ class TapSender:
                 else:
                     with self._lock:
                         self.stats.lost += sum(rows_of(b) for b in inflight.values())
-                channel.close()
+                if channel is not None:
+                    channel.close()
             if self._stop.is_set():
                 break
             if unimplemented:

@@ -232,7 +232,8 @@ class SGLangTap:
         self.engine_id = os.environ.get("LENPRED_ENGINE_ID") or f"{socket.gethostname()}:{port}"
         self.engine_id += f"/tp{self.rank}"
         if sender is None and self.rank == 0:
-            sender = TapSender(self.cfg.sidecar, engine_id=self.engine_id, max_queue=self.cfg.queue)
+            sender = TapSender(self.cfg.sidecar, engine_id=self.engine_id, max_queue=self.cfg.queue,
+                               tls=self.cfg.tls)
         self.sender = sender if self.rank == 0 else None
         # the PrefixStore restores radix-cache hits: pointless when the engine has no prefix cache
         radix = not bool(getattr(sa, "disable_radix_cache", False))

@@ -226,7 +226,7 @@ def test_whole_spine_through_the_router(stack, tmp_path):
                    tmp_path)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_http(router, base + "/health", 60)
+        wait_http(router, base + "/ready", 60)
         resp = httpx.post(base + "/v1/chat/completions", timeout=120, json={
             "model": "default", "max_tokens": 10, "temperature": 0,
             "messages": [{"role": "user", "content": "Name three colours of the rainbow."}]})

@@ -19,6 +19,9 @@ import subprocess
 import pytest
 import yaml
 
+from lenpred.contract import grpctls
+from lenpred.sidecar import cli as sidecar_cli
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "lenpred"
 EXAMPLES = sorted((ROOT / "helm" / "examples").glob("*.yaml"))
@@ -660,6 +663,31 @@ def test_sidecar_tls_mounts_and_flags(helm, client_auth):
     assert ("LENPRED_SIDECAR_TLS_CERT" in engine) is client_auth and ("LENPRED_SIDECAR_TLS_KEY" in engine) is client_auth
     assert "LENPRED_SIDECAR_TLS_SERVER_NAME" not in engine
     assert volume(sts, "tls")["secret"]["secretName"] == "sidecar-tls"
+
+
+_SIDECAR_FLAGS = {a.dest for a in sidecar_cli.build_parser()._actions}
+
+
+@pytest.mark.xfail("processes" not in _SIDECAR_FLAGS, strict=True, reason="needs branch rate (--processes)")
+@pytest.mark.parametrize("client_auth", [True, False], ids=["mtls", "tls"])
+def test_sidecar_args_are_what_the_sidecar_cli_accepts(helm, client_auth):
+    """Every flag the chart passes parses with the real `lenpred sidecar` parser, TLS paths included."""
+    docs = render(helm, sets=("sidecar.tls.secretName=sidecar-tls", f"sidecar.tls.clientAuth={str(client_auth).lower()}"))
+    args = container(one(docs, "Deployment", f"{RELEASE}-sidecar"), "sidecar")["args"]
+    assert args[0] == "sidecar"
+    ns, unknown = sidecar_cli.build_parser().parse_known_args(args[1:])
+    assert unknown == []
+    assert ns.tls_cert == "/etc/lenpred/tls/tls.crt" and ns.tls_key == "/etc/lenpred/tls/tls.key"
+    assert ns.tls_client_ca == ("/etc/lenpred/tls/ca.crt" if client_auth else None)
+
+
+def test_engine_tls_env_is_what_the_tap_reads(helm):
+    """The chart's LENPRED_SIDECAR_TLS_* names are the ones TapConfig reads."""
+    docs = render(helm, sets=("sidecar.tls.secretName=sidecar-tls", "sidecar.tls.serverName=sidecar.example"))
+    env = env_of(container(one(docs, "StatefulSet", f"{RELEASE}-engine"), "engine"))
+    tls = {k: v["value"] for k, v in env.items() if k.startswith("LENPRED_SIDECAR_TLS")}
+    assert tls == {grpctls.CA_ENV: "/etc/lenpred/tls/ca.crt", grpctls.CERT_ENV: "/etc/lenpred/tls/tls.crt",
+                   grpctls.KEY_ENV: "/etc/lenpred/tls/tls.key", grpctls.SERVER_NAME_ENV: "sidecar.example"}
 
 
 def test_engines_can_use_their_own_client_certificate(helm, kitchen_sink_file):

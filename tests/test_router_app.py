@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -35,8 +36,8 @@ profiles:
 def wait_for(cond, timeout=5.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if cond():
-            return
+        if value := cond():
+            return value
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -272,10 +273,14 @@ def test_emulated_predictor_drives_the_router_end_to_end(servers, redis_url):
     wait_for(lambda: client.get("/health").json()["redis"] == "connected", what="subscription")
     r = client.post("/v1/chat/completions", json=chat(30))
     # the newest record when the answer ended: PLP at 30 is written as the answer ends, so it may
-    # still be on its way and the header then shows the one at 20 (the same oracle length)
+    # still be on its way and the header then shows the one at 20: the same oracle length, and a
+    # p90 of 20 + 10 x the emulator's spread (exp(z90 x 0.5) when sigma is 0)
+    p90_at_20 = round(20 + 10 * math.exp(1.2816 * 0.5))
     assert r.headers["x-lenpred-prediction"] in ("p50=30;p90=30;source=plp;step=30",
-                                                 "p50=30;p90=30;source=plp;step=20")
-    view = client.get(f"/v1/lenpred/requests/{r.headers['x-lenpred-rid']}").json()
+                                                 f"p50=30;p90={p90_at_20};source=plp;step=20")
+    rid = r.headers["x-lenpred-rid"]
+    view = wait_for(lambda: (v := client.get(f"/v1/lenpred/requests/{rid}").json())["prediction"]["step"] == 30 and v,
+                    what="the PLP record at step 30")
     assert view["router"]["estimate_at_dispatch"].endswith("source=fallback;step=0")  # none before prefill
     assert view["prediction"]["source"] == "plp" and view["prediction"]["remaining_p50"] == 0
     received_total = next(float(line.split()[-1]) for line in client.get("/metrics").text.splitlines()

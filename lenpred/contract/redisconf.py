@@ -15,6 +15,8 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
+import redis
+
 URL_ENV = "LENPRED_REDIS_URL"
 PASSWORD_ENV = "LENPRED_REDIS_PASSWORD"
 CA_ENV = "LENPRED_REDIS_CA_FILE"
@@ -38,3 +40,28 @@ def client_kwargs(url: str, env: Mapping[str, str] | None = None) -> dict:
     if u.scheme == "rediss" and env.get(CA_ENV):
         kw["ssl_ca_certs"] = env[CA_ENV]
     return kw
+
+
+class RedisAuthError(ValueError):
+    """Redis refused our credentials: a configuration error, unlike Redis being down."""
+
+
+def check_auth(url: str, env: Mapping[str, str] | None = None, timeout_s: float = 2.0) -> str | None:
+    """One PING with a deadline at start. Wrong or missing password (or a TLS set-up that cannot
+    work): RedisAuthError with a message that says what to set — the component should not start.
+    Redis unreachable: returns the reason (Redis is soft state, the caller warns and goes on).
+    None: fine."""
+    kw = client_kwargs(url, env)
+    where = urlparse(url).hostname or url.split("@")[-1]
+    try:
+        with redis.Redis.from_url(url, **kw, socket_timeout=timeout_s, socket_connect_timeout=timeout_s) as r:
+            r.ping()
+        return None
+    except redis.AuthenticationError as e:
+        how = "the password from the URL" if urlparse(url).password else (
+            f"{PASSWORD_ENV}" if "password" in kw else f"no password ({PASSWORD_ENV} is not set)")
+        raise RedisAuthError(f"Redis at {where} refused authentication with {how}: {e}") from None
+    except redis.ResponseError as e:  # e.g. a password sent to a Redis that has none
+        raise RedisAuthError(f"Redis at {where} refused the connection set-up: {e}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        return f"Redis at {where} not reachable now ({e}); predictions are not stored until it is"

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "--redis-url", redis_url, "--namespace", a.namespace), log_dir)
         stack.callback(router.stop)
         router_url = f"http://127.0.0.1:{r_port}"
-        wait_http(router, router_url + "/health", 60)
+        wait_http(router, router_url + "/ready", 60)
         print(f"[demo] router     {router_url}  (up in {time.monotonic() - t0:.0f} s; logs in {log_dir})", flush=True)
 
         print(f"[demo] sending {len(prompts)} real prompts (max_tokens {a.max_tokens})...", flush=True)

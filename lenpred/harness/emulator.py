@@ -718,9 +718,11 @@ def make_app(cfg: EmulatorConfig | None = None) -> FastAPI:
         return Response(status_code=200 if state["healthy"] else 503)
 
     @app.get("/v1/loads")
-    async def loads(request: Request) -> dict:
-        return {"timestamp": datetime.now(timezone.utc).isoformat(), "version": VERSION, "accelerator": None,
-                "num_accelerators": 1, "loads": [request.app.state.engine.load()]}
+    async def loads(request: Request) -> Response:
+        if not state["healthy"]:   # as an engine whose scheduler does not answer (the router's poll)
+            return Response(status_code=503)
+        return JSONResponse({"timestamp": datetime.now(timezone.utc).isoformat(), "version": VERSION,
+                             "accelerator": None, "num_accelerators": 1, "loads": [request.app.state.engine.load()]})
 
     @app.get("/server_info")
     async def server_info(request: Request) -> dict:

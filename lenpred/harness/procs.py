@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from lenpred.contract.grpctls import ClientTLS, open_channel
+
 
 @dataclass
 class Child:
@@ -69,7 +71,8 @@ def wait_http(child: Child, url: str, timeout: float) -> None:
     raise RuntimeError(f"{child.name} not healthy at {url} after {timeout:.0f}s:\n{child.log_tail()}")
 
 
-def wait_grpc(child: Child, target: str, timeout: float) -> None:
+def wait_grpc(child: Child, target: str, timeout: float, tls: ClientTLS | None = None) -> None:
+    """Until the child's gRPC health says SERVING (over TLS / mTLS when `tls` is on)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -77,7 +80,7 @@ def wait_grpc(child: Child, target: str, timeout: float) -> None:
     while time.monotonic() < deadline:
         if not child.alive():
             raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
-        with grpc.insecure_channel(target) as ch:
+        with open_channel(target, tls) as ch:
             try:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:

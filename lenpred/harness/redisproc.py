@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -41,22 +42,39 @@ class RedisServer:
     port: int
     proc: subprocess.Popen
     workdir: str
+    password: str | None = None
+    tls: tuple[str, str, str] | None = None  # (cert, key, ca) of a TLS-only server
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """Without the password: clients take it from LENPRED_REDIS_PASSWORD (redisconf)."""
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(cls, port: int | None = None, timeout: float = 10.0) -> "RedisServer":
+    def start(cls, port: int | None = None, timeout: float = 10.0, password: str | None = None,
+              tls: tuple[str, str, str] | None = None) -> "RedisServer":
+        """password: `--requirepass`; tls: (cert, key, ca) = TLS only on `port` (clients need not
+        present a certificate)."""
         port = port or free_port()
         workdir = tempfile.mkdtemp(prefix="lenpred-redis-")
-        proc = subprocess.Popen(
-            [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        srv = cls(port, proc, workdir)
+        argv = [redis_binary(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"]
+        argv += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", tls[0], "--tls-key-file", tls[1],
+                 "--tls-ca-cert-file", tls[2], "--tls-auth-clients", "no"] if tls else ["--port", str(port)]
+        if password:
+            argv += ["--requirepass", password]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        srv = cls(port, proc, workdir, password, tls)
         srv.wait_ready(timeout)
         return srv
+
+    def _connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+        if self.tls:
+            ctx = ssl.create_default_context(cafile=self.tls[2])
+            ctx.check_hostname = False
+            s = ctx.wrap_socket(s)
+        return s
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -64,9 +82,9 @@ class RedisServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                with self._connect() as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # NOAUTH: up, wants the password
                         return
             except OSError:
                 time.sleep(0.05)
@@ -84,5 +102,5 @@ class RedisServer:
     def restart(self) -> None:
         """Kill and start again on the same port (tests of Redis loss)."""
         self.stop()
-        fresh = RedisServer.start(self.port)
+        fresh = RedisServer.start(self.port, password=self.password, tls=self.tls)
         self.proc, self.workdir = fresh.proc, fresh.workdir
