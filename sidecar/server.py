@@ -326,6 +326,10 @@ class LengthPredictorService:
                     idx = [i for i in range(n_dec) if finite[i] and pf in getattr(
                         self.prompts.get(b.decode.rids[i]), "vecs", ())]
                     miss = n_dec - len(idx)
+                    if learn:
+                        # recorded above; a request whose prompt state predates the served head (a
+                        # promotion mid-request) is no bad input: it just gets no PLP update
+                        miss = n_dec - sum(finite)
                     if miss:
                         rejected += miss
                         notes.append(f"{miss} decode vector(s) rejected (NaN/Inf, or no prefill vector seen for the rid, or not the prompt feature the PLP head reads)")
