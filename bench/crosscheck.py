@@ -351,17 +351,20 @@ def fit_cost(raw: dict) -> dict:
         raise ValueError(f"only {len(rows)} decode windows in the load samples: nothing to fit")
     w, b, t, kv = (np.array(x, dtype=float) for x in zip(*rows))
     sw = np.sqrt(w)
-    coef = None
-    for cols in ([np.ones_like(b), b, kv], [np.ones_like(b), b]):
-        X = np.stack(cols, 1)
-        coef, *_ = np.linalg.lstsq(X * sw[:, None], t * sw, rcond=None)
-        if len(coef) == 2 or coef[2] >= 0:
+    # Costs are not negative: drop a term whose least-squares slope comes out below zero (on the
+    # H200 with CUDA graphs a decode step barely grows with the batch, and the KV term took it all).
+    one = np.ones_like(b)
+    for names in (("base", "token", "kv"), ("base", "token"), ("base", "kv"), ("base",)):
+        X = np.stack([{"base": one, "token": b, "kv": kv}[n] for n in names], 1)
+        sol, *_ = np.linalg.lstsq(X * sw[:, None], t * sw, rcond=None)
+        if (sol[1:] >= 0).all():
             break
-    pred = np.stack([np.ones_like(b), b, kv][: len(coef)], 1) @ coef
+    coef = dict(zip(names, map(float, sol)))
+    pred = X @ sol
     total = float(np.sum(w * (t - np.average(t, weights=w)) ** 2))
     r2 = 1 - float(np.sum(w * (t - pred) ** 2)) / total if total > 0 else 1.0
-    return {"step_base_s": float(coef[0]), "step_per_token_s": float(coef[1]),
-            "step_per_kv_token_s": float(coef[2]) if len(coef) == 3 else 0.0,
+    return {"step_base_s": coef["base"], "step_per_token_s": coef.get("token", 0.0),
+            "step_per_kv_token_s": coef.get("kv", 0.0),
             "step_per_prefill_token_s": busy / toks if toks else 0.0,
             "decode_windows": len(rows), "decode_steps": int(w.sum()), "weighted_r2": r2,
             "batch_range": [float(b.min()), float(b.max())], "kv_range": [float(kv.min()), float(kv.max())],
@@ -399,10 +402,10 @@ def real_main(argv: list[str]) -> int:
             ports = [free_port() for _ in range(real["replicas"])]
             emu = spawn(f"emulator-{k}", [sys.executable, "-m", "lenpred.harness.emulator", "--ports",
                                           ",".join(map(str, ports)), "--time-scale", str(a.time_scale),
-                                          "--step-base-s", str(fit["step_base_s"]),
-                                          "--step-per-token-s", str(fit["step_per_token_s"]),
-                                          "--step-per-kv-token-s", str(fit["step_per_kv_token_s"]),
-                                          "--step-per-prefill-token-s", str(fit["step_per_prefill_token_s"]),
+                                          f"--step-base-s={fit['step_base_s']}",
+                                          f"--step-per-token-s={fit['step_per_token_s']}",
+                                          f"--step-per-kv-token-s={fit['step_per_kv_token_s']}",
+                                          f"--step-per-prefill-token-s={fit['step_per_prefill_token_s']}",
                                           "--max-total-num-tokens", str(eng_spec["max_total_tokens"]),
                                           "--max-running-requests", str(eng_spec["max_running_requests"]),
                                           "--enable-priority", "--redis-url", redis.url, "--namespace", f"twin{k}",

@@ -44,6 +44,14 @@ def test_fit_cost_recovers_the_step_model(a, b, c, p):
     assert fit["step_per_prefill_token_s"] == pytest.approx(p / 1e6, rel=1e-6)
 
 
+@pytest.mark.parametrize("b,c", [(-2e-4, 0.0), (0.0, -1e-6), (-2e-4, -1e-6)])
+def test_fit_cost_never_hands_the_emulator_a_negative_cost(b, c):
+    """Step times that shrink with the batch or the KV (replicas sharing one GPU: a replica's step
+    is set by its neighbours) give no negative slope: the term is dropped."""
+    fit = fit_cost({"runs": {"x": {"loads": samples(0.03, b, c, 10.0)}}})
+    assert fit["step_base_s"] > 0 and fit["step_per_token_s"] >= 0 and fit["step_per_kv_token_s"] >= 0
+
+
 def test_fit_cost_needs_decode_windows():
     with pytest.raises(ValueError, match="nothing to fit"):
         fit_cost({"runs": {"x": {"loads": [{"t": 0, "replica": 0, "decode_moments": None}]}}})
