@@ -48,7 +48,7 @@ from lenpred.bench.real import summary as sm
 from lenpred.bench.real.workload import prompt_ids, prompt_priority
 from lenpred.harness.emulator import COST_MODELS
 from lenpred.harness.inject import Item
-from lenpred.contract.keys import events_channel
+from lenpred.contract.keys import events_pattern
 from lenpred.harness.procs import lenpred_argv, spawn, wait_grpc, wait_http
 from lenpred.harness.redisproc import RedisServer, free_port
 
@@ -74,7 +74,7 @@ class EventTap:
         import redis
 
         self._pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(events_channel(ns))
+        self._pubsub.psubscribe(events_pattern(ns))   # every router's channel
         self.first: dict[str, dict] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

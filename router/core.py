@@ -495,6 +495,7 @@ class Router:
                          for r in self.pool.replicas.values()},
             "queue_depth": self.scheduler.depth(),
             "redis": redis,
+            "redis_events_received": self.predictions.received,   # predictions on its channels
             "redis_events_malformed": self.predictions.malformed,
             "policy": self.policy.source,
             "policy_error": self.watcher.last_error,

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from lenpred.contract.keys import events_channel, pred_key
+from lenpred.router.ids import router_tag
 from lenpred.contract.redisconf import client_kwargs
 from lenpred.contract.prediction import Estimate, Prediction
 from lenpred.router.config import FallbackSettings, PredictionSettings
@@ -164,16 +165,18 @@ class PredictionStore:
 
     async def _follow(self) -> None:
         backoff = 0.1
-        channel = events_channel(self.namespace)
+        # this router's own requests (its tag in their rids) + the shared channel (untagged rids,
+        # sidecars older than the tags)
+        channels = (events_channel(self.namespace, router_tag()), events_channel(self.namespace))
         while True:
             # A connection without socket_timeout: idle pub/sub reads must not time out.
             client = self._connect(socket_connect_timeout=self._settings().redis_timeout_s * 4)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 async with asyncio.timeout(self._settings().redis_timeout_s * 20):
-                    await pubsub.subscribe(channel)
+                    await pubsub.subscribe(*channels)
                 self.connected, backoff = True, 0.1
-                log.info("following predictions on %s", channel)
+                log.info("following predictions on %s", " and ".join(channels))
                 next_ping = time.monotonic() + self.PING_EVERY_S
                 while True:
                     msg = await pubsub.get_message(timeout=1.0)

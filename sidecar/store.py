@@ -166,10 +166,9 @@ class PredictionStore:
         # ~20 µs per record, measured (docs/RESULTS.md, sidecar line rate). Built outside the
         # retry below: a record that cannot be encoded is a bug, and the flusher dies saying so
         # instead of retrying it forever.
-        chan = keys.events_channel(self.ns)
         prefix = keys.pred_key(self.ns, "")
         calls: list[list] = []
-        args: list = [self.ttl_s, chan]
+        args: list = [self.ttl_s]
         for rid, rec in batch.items():
             if isinstance(rec, Prediction):
                 h = rec.to_hash()
@@ -179,10 +178,11 @@ class PredictionStore:
             args.append(prefix + rid)
             args.extend(vals)
             args.append(js)
-            if len(args) >= 2 + _ARGS_PER_RECORD * _RECORDS_PER_CALL:
+            args.append(keys.channel_for(self.ns, rid))   # its router's own channel
+            if len(args) >= 1 + _ARGS_PER_RECORD * _RECORDS_PER_CALL:
                 calls.append(args)
-                args = [self.ttl_s, chan]
-        if len(args) > 2:
+                args = [self.ttl_s]
+        if len(args) > 1:
             calls.append(args)
         try:
             pipe = self.r.pipeline(transaction=False)
@@ -194,7 +194,7 @@ class PredictionStore:
                 pipe.expire(k, self.ttl_s)
                 pipe.xadd(keys.finished_stream(self.ns), {k2: str(v) for k2, v in f.items()},
                           maxlen=self.finished_maxlen, approximate=True)
-                pipe.publish(chan, json.dumps({"type": "finished", **f}))
+                pipe.publish(keys.channel_for(self.ns, f["rid"]), json.dumps({"type": "finished", **f}))
             await pipe.execute()  # deadline: the client's socket timeout (op_timeout_s) per read/write
             self.healthy = True
             self.flushes += 1
@@ -241,18 +241,17 @@ class PredictionStore:
             self._last_log = now
 
 
-# ARGV: ttl, channel, then per record: key, the Prediction.HASH_FIELDS values, the event JSON.
+# ARGV: ttl, then per record: key, the Prediction.HASH_FIELDS values, the event JSON, its channel.
 # Keys travel in ARGV (a single Redis, not a cluster: the schema's keys are not hash-tagged).
-_ARGS_PER_RECORD = 2 + len(Prediction.HASH_FIELDS)
+_ARGS_PER_RECORD = 3 + len(Prediction.HASH_FIELDS)
 _RECORDS_PER_CALL = 2000  # one call blocks Redis while it runs: a few ms per chunk
 _WRITE_PREDICTIONS = """
 local ttl = tonumber(ARGV[1])
-local chan = ARGV[2]
 local names = {%s}
 local nf = #names
-local step = nf + 2
+local step = nf + 3
 local n = 0
-for i = 3, #ARGV, step do
+for i = 2, #ARGV, step do
   local k = ARGV[i]
   local kv = {}
   for j = 1, nf do
@@ -261,7 +260,7 @@ for i = 3, #ARGV, step do
   end
   redis.call('HSET', k, unpack(kv))
   redis.call('EXPIRE', k, ttl)
-  redis.call('PUBLISH', chan, ARGV[i + nf + 1])
+  redis.call('PUBLISH', ARGV[i + nf + 2], ARGV[i + nf + 1])
   n = n + 1
 end
 return n

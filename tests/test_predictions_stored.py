@@ -58,3 +58,45 @@ def test_write_behind_stores_what_the_router_reads(redis_url):
     for e in preds:
         Prediction.from_hash(e)
     assert any(e["type"] == "finished" and e["rid"] == "r1" for e in events)
+
+
+@pytest.mark.parametrize("rid,tag", [
+    ("lp-0a1b2c3d-" + "f" * 32, "0a1b2c3d"),          # a router's rid
+    ("lp-0a1b2c3d-" + "f" * 32 + "-r1", "0a1b2c3d"),  # one of its attempts (re-dispatch, move)
+    ("lpb-deadbeef-" + "0" * 32, "deadbeef"),         # a batch
+    ("lp-" + "f" * 32, ""),                           # an untagged rid (older router)
+    ("lp-0A1B2C3D-x", ""),                            # not lower-case hex
+    ("lp-0a1b2c3-x", ""),                             # 7 digits
+    ("r1", ""), ("", ""), ("-0a1b2c3d-", ""),
+])
+def test_rid_tag_names_the_router_channel(rid, tag):
+    assert keys.rid_tag(rid) == tag
+    assert keys.channel_for("ns", rid) == (f"lenpred:ns:events:{tag}" if tag else "lenpred:ns:events")
+
+
+def test_events_go_to_their_router_channel_only(redis_url):
+    """A tagged request's prediction and finished events are published on its router's channel,
+    not on the shared one or another router's: a router parses only its own requests' events."""
+    mine, other, untagged = "lp-aaaaaaaa-" + "1" * 32, "lp-bbbbbbbb-" + "2" * 32, "lp-" + "3" * 32
+    r = redis.Redis.from_url(redis_url)
+    subs = {}
+    for name, tag in (("mine", "aaaaaaaa"), ("other", "bbbbbbbb"), ("shared", "")):
+        subs[name] = r.pubsub(ignore_subscribe_messages=True)
+        subs[name].subscribe(keys.events_channel("default", tag))
+
+    async def go():
+        st = PredictionStore(redis_url)
+        await st.start()
+        st.put_many([mine, other, untagged], [(0, 10.0, 20.0, 12.0, "egtp", "v", 1.0, 3)] * 3)
+        fin = {"output_tokens": 9, "prompt_tokens": 3, "truncated": 0, "aborted": 0, "p50": 10.0, "p90": 20.0}
+        assert await st.write_now([], [{"rid": rid, **fin} for rid in (mine, other, untagged)])
+        await st.close()
+    asyncio.run(go())
+    for name, want in (("mine", mine), ("other", other), ("shared", untagged)):
+        got, deadline = [], time.monotonic() + 3
+        while time.monotonic() < deadline and len(got) < 3:
+            m = subs[name].get_message(timeout=0.2)
+            if m is not None:
+                got.append(json.loads(m["data"]))
+        assert sorted(e["type"] for e in got) == ["finished", "prediction"], (name, got)
+        assert {e["rid"] for e in got} == {want}, name

@@ -12,7 +12,9 @@ import pytest
 import redis
 
 from lenpred.harness.emulator import serve_in_thread, start_in_thread
-from lenpred.contract.keys import events_channel, pred_key
+from lenpred.contract.keys import channel_for, events_channel, pred_key
+from lenpred.contract.keys import rid_tag as keys_tag
+from lenpred.router.ids import new_rid, router_tag
 from lenpred.contract.prediction import Prediction
 from lenpred.harness.redisproc import free_port
 from lenpred.router.app import make_app
@@ -124,7 +126,8 @@ def publish_prediction(url: str, rid: str, p50: float, source="egtp", step=0, ts
                            ts=time.time() if ts is None else ts, prompt_tokens=10)
     r = redis.Redis.from_url(url)
     with r.pipeline() as p:
-        p.hset(pred_key("default", rid), mapping=rec.to_hash()).publish(events_channel("default"), rec.to_json())
+        # the router's rids carry its tag: this goes to its own channel (keys.channel_for)
+        p.hset(pred_key("default", rid), mapping=rec.to_hash()).publish(channel_for("default", rid), rec.to_json())
         p.execute()
     r.close()
 
@@ -345,3 +348,24 @@ def test_probe_needs_redis_and_is_off_by_default(servers):
     r = client.post("/v1/chat/completions", json=chat(3))
     assert r.status_code == 200 and "x-lenpred-probe" not in r.headers
     assert [x["rid"] for x in received(emus[0])] == [r.headers["x-lenpred-rid"]]
+
+
+def test_a_router_follows_its_own_channel_and_the_shared_one_only(servers, redis_url):
+    """Events of another router's requests (its tag in the rid, its channel) never reach this one;
+    its own and untagged ones (the shared channel) do."""
+    client, _, _ = servers(redis_url=redis_url, backends=1)
+    wait_for(lambda: client.get("/health").json()["redis"] == "connected", what="subscription")
+
+    def received_total() -> int:   # every prediction event the router parsed, for any request
+        return client.get("/health").json()["redis_events_received"]
+
+    own = new_rid()
+    before = received_total()
+    for rid in ("lp-00000000-" + "1" * 32, "lp-ffffffff-" + "2" * 32):   # other routers' requests
+        if keys_tag(rid) != router_tag():
+            publish_prediction(redis_url, rid, p50=10)
+    publish_prediction(redis_url, own, p50=10)                 # this router's channel
+    publish_prediction(redis_url, "lp-" + "3" * 32, p50=10)   # untagged: the shared channel
+    wait_for(lambda: received_total() >= before + 2, what="own and shared events")
+    time.sleep(0.3)
+    assert received_total() == before + 2

@@ -96,9 +96,9 @@ def test_a_key_sees_only_its_own_requests_and_rids_are_unguessable(secured):
     client, _ = secured
     rids = [client.post("/v1/chat/completions", json=chat(2), headers=bearer("team-a")).headers["x-lenpred-rid"]
             for _ in range(3)]
-    assert all(re.fullmatch(r"lp-[0-9a-f]{32}", rid) for rid in rids) and len(set(rids)) == 3
+    assert all(re.fullmatch(r"lp-[0-9a-f]{8}-[0-9a-f]{32}", rid) for rid in rids) and len(set(rids)) == 3
     # no shared prefix or counter between consecutive rids (128 random bits each)
-    assert len({rid[3:11] for rid in rids}) == 3
+    assert len({rid[12:20] for rid in rids}) == 3   # after "lp-<router tag>-"
     rid = rids[0]
     assert client.get(f"/v1/lenpred/requests/{rid}", headers=bearer("team-a")).status_code == 200
     assert client.get(f"/v1/lenpred/requests/{rid}-probe", headers=bearer("team-a")).status_code == 404  # none stored

@@ -59,7 +59,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lenpred.contract.keys import events_channel, pred_key
+from lenpred.contract.keys import channel_for, pred_key
 from lenpred.contract.prediction import Prediction
 from lenpred.harness.redisproc import free_port
 
@@ -499,7 +499,7 @@ class _Publisher:
         self._queue.put_nowait(op)
 
     async def _drain(self) -> None:
-        channel = events_channel(self.cfg.namespace)
+        ns = self.cfg.namespace
         while True:
             ops = [await self._queue.get()]
             while not self._queue.empty() and len(ops) < 1000:
@@ -510,9 +510,10 @@ class _Publisher:
                         if kind == "pred":
                             key = pred_key(self.cfg.namespace, payload.rid)
                             p.hset(key, mapping=payload.to_hash()).expire(key, 600)
-                            p.publish(channel, payload.to_json())
+                            p.publish(channel_for(ns, payload.rid), payload.to_json())
                         else:
-                            p.publish(channel, payload)
+                            rid, event = payload
+                            p.publish(channel_for(ns, rid), event)
                     await p.execute()
             except Exception:  # soft state: a lost prediction only means the router falls back
                 self.errors += len(ops)
@@ -545,7 +546,7 @@ class _Publisher:
         event = {"type": "finished", "rid": r.rid, "output_tokens": r.generated, "prompt_tokens": r.prompt_len,
                  "truncated": r.finish_reason == "length", "aborted": aborted}
 
-        self._put(("event", json.dumps(event)))
+        self._put(("event", (r.rid, json.dumps(event))))
 
 
 def _prompt_len(cfg: EmulatorConfig, body: dict, api: str) -> int:
