@@ -62,7 +62,10 @@ def servers(tmp_path):
         router = serve_in_thread(make_app(RouterConfig(backends=urls, policy_path=str(path), redis_url=redis_url,
                                                        reload_interval_s=0.1)))
         started.append(router)
-        return httpx.Client(base_url=router.url, timeout=30), emus, path
+        client = httpx.Client(base_url=router.url, timeout=30)
+        if emus:   # replicas join the pool on their first good poll: a loaded box may need a second one
+            wait_for(lambda: client.get("/ready").status_code == 200, timeout=10, what="a replica in the pool")
+        return client, emus, path
 
     yield start
     routers = [s.server.config.app.state.router for s in started if hasattr(s.server.config.app.state, "router")]

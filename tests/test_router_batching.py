@@ -112,7 +112,12 @@ def batch_stack(tmp_path, redis_url):
         router = serve_in_thread(make_app(RouterConfig(backends=[e.url for e in emus], policy_path=str(path),
                                                        redis_url=redis_url)))
         started.append(router)
-        return httpx.Client(base_url=router.url, timeout=60), emus
+        client = httpx.Client(base_url=router.url, timeout=60)
+        deadline = time.monotonic() + 10   # replicas join on their first good poll (a loaded box: later)
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, "no replica joined the pool"
+            time.sleep(0.05)
+        return client, emus
 
     yield start
     for s in reversed(started):
