@@ -239,6 +239,19 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resolve_target(a: argparse.Namespace) -> None:
+    """`--device auto` -> cuda when there is one; no `--model` -> the shipped SmolLM2 (converted once).
+    torch and the model loader are imported only here: `--help` and bad arguments stay instant."""
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.model is None:
+        from lenpred.model import hf_checkpoint
+
+        a.model = str(hf_checkpoint())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lenpred bench engine", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=False, default=None,
@@ -264,14 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.reps < 1:
         ap.error("--reps must be >= 1")
     shapes = [parse_shape("prefill", a.prefill), parse_shape("decode", a.decode)]
-    if a.device == "auto":
-        import torch
-
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.model is None:
-        from lenpred.model import hf_checkpoint
-
-        a.model = str(hf_checkpoint())
+    resolve_target(a)
     log_dir = pathlib.Path(a.log_dir or (pathlib.Path(a.json).parent if a.json else "/tmp/lenpred-bench-engine"))
     log_dir.mkdir(parents=True, exist_ok=True)
 

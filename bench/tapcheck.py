@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from lenpred.bench.engine import launch_server, post, stop_all, tap_log
+from lenpred.bench.engine import launch_server, post, resolve_target, stop_all, tap_log
 from lenpred.bench.report import environment, write
 from lenpred.harness.engine import wait_healthy
 from lenpred.harness.recorder import RecordingSidecar
@@ -133,14 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("server_args", nargs="*", help="after `--`: extra sglang.launch_server arguments")
     a = ap.parse_args(argv)
-    if a.device == "auto":
-        import torch
-
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.model is None:
-        from lenpred.model import hf_checkpoint
-
-        a.model = str(hf_checkpoint())
+    resolve_target(a)
     log_dir = pathlib.Path(a.log_dir or (pathlib.Path(a.json).parent if a.json else "/tmp/lenpred-tapcheck"))
     log_dir.mkdir(parents=True, exist_ok=True)
     recs = {k: RecordingSidecar() for k in ("graph", "eager")}

@@ -30,6 +30,7 @@ from lenpred.sidecar.learn.split import split_for, split_group
 from lenpred.sidecar.learn.store import Example, ModelStore
 from lenpred.sidecar.server import SidecarConfig
 from lenpred.train.data import load
+from lenpred.harness.waiting import eventually
 
 torch.set_num_threads(1)
 D, MODEL, CAP = 16, "test/learn-model", 256
@@ -130,12 +131,7 @@ def sidecar(tmp_path, redis_url):
 
 
 def wait(pred, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
+    return eventually(pred, timeout, interval=0.05)
 
 
 # ------------------------------------------------------------------ config, split, store

@@ -15,6 +15,7 @@ from lenpred.tap.config import TapConfig
 from lenpred.tap.core import Tap
 from lenpred.tap.sender import TapSender
 from lenpred.bench._thread import SidecarThread, write_random_heads
+from lenpred.harness.waiting import eventually
 
 D = 16
 
@@ -27,12 +28,7 @@ def _batch(rid: str) -> pb.IngestBatch:
 
 
 def _wait(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
+    return eventually(pred, timeout, interval=0.05)
 
 
 def test_tap_to_sidecar_to_redis(tmp_path, redis_url):

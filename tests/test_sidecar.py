@@ -20,6 +20,7 @@ from lenpred.proto.v1 import lenpred_pb2 as pb
 from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 from lenpred.sidecar.server import SidecarConfig
 from lenpred.bench._thread import SidecarThread, write_random_heads
+from lenpred.harness.waiting import eventually
 
 D = 16
 MODEL = "test/model"
@@ -54,14 +55,6 @@ def ingest(stub, *batches):
     return list(stub.Ingest(iter(batches), timeout=10))
 
 
-def eventually(pred, timeout=5.0):
-    """Redis writes are write-behind (docs/REDIS.md): a record lands shortly after its ack."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def assert_still_serving(stub):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 import grpc
 import pytest
@@ -25,6 +24,7 @@ from lenpred.tap.config import TapConfig
 from lenpred.tap.core import Tap
 from lenpred.tap.sender import TapSender
 from lenpred.bench._thread import SidecarThread, write_random_heads
+from lenpred.harness.waiting import eventually
 
 D = 16
 MODEL = "test/model"
@@ -206,12 +206,7 @@ def auth_redis():
 
 
 def _wait(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
+    return eventually(pred, timeout, interval=0.05)
 
 
 @pytest.mark.parametrize("mtls", [False, True], ids=["tls", "mtls"])

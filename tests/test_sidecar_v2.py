@@ -24,6 +24,7 @@ from lenpred.proto.v1 import lenpred_pb2_grpc as pb_grpc
 from lenpred.proto.v2 import lenpred_pb2 as pb2
 from lenpred.sidecar.server import SidecarConfig
 from lenpred.tap.sender import TapSender
+from lenpred.harness.waiting import eventually
 
 D = 16
 MODEL = "test/model"
@@ -70,12 +71,7 @@ def vecs(n, seed=0):
 
 
 def wait(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
+    return eventually(pred, timeout)
 
 
 def stored(r, rid):
